@@ -1,0 +1,180 @@
+"""Command line: ``vitdistill train | eval | export | demo`` (also ``python -m vitdistill``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, DataConfig, config_from_dict, config_to_dict, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config path as given, or relative to the repository (so `configs/...` works from anywhere)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .data import DataError
+    from .engine import CheckpointError, TrainingError
+    from .methods import MethodError
+    from .models import ModelError, TapError
+
+    return ConfigError, DataError, CheckpointError, TrainingError, MethodError, ModelError, TapError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import load_checkpoint, train
+
+    if args.config is None:
+        if not args.resume:
+            raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR to continue a run)")
+        run_dir = Path(args.resume)
+        values = load_checkpoint(run_dir / "last.pt")["config"]
+        cfg = config_from_dict(values)
+        if args.overrides:
+            raise ConfigError("overrides cannot be combined with --resume RUN_DIR; a resumed run keeps its config")
+    else:
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+    summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    print(json.dumps({k: summary[k] for k in ("run", "best_top1", "last_top1", "wall_time_s")}, indent=2))
+    return 0
+
+
+def _load_for_eval(path: Path, device: str) -> tuple[Any, dict[str, Any], Any]:
+    """Rebuild the student from a training checkpoint (.pt) or an exported .safetensors file.
+
+    Returns the model, the data section to evaluate on, and the training config (None for .safetensors).
+    """
+    import torch
+
+    from .engine import load_checkpoint
+    from .engine.trainer import build_model
+    from .models import load_weights
+
+    if path.suffix == ".safetensors":
+        state, meta = load_weights(path)
+        if "model" not in meta:
+            raise ConfigError(f"'{path}' has no vitdistill metadata (model); export it with `vitdistill export`")
+        mcfg = config_from_dict({"model": json.loads(meta["model"])}).model
+        model = build_model(mcfg, int(meta["num_classes"]), int(meta["in_chans"]), int(meta["img_size"]))
+        model.load_state_dict(state)
+        data = {"name": meta["dataset"], "in_chans": int(meta["in_chans"]), "img_size": int(meta["img_size"])}
+        return model.to(torch.device(device)), data, None
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    cfg.model.checkpoint = None
+    model = build_model(cfg.model, _num_classes(ckpt), cfg.data.in_chans, cfg.data.img_size)
+    prefix = "student."
+    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return model.to(torch.device(device)), config_to_dict(cfg)["data"], ckpt
+
+
+def _num_classes(ckpt: dict[str, Any]) -> int:
+    heads = [v for k, v in ckpt["model"].items() if k.startswith("student.") and k.endswith(("head.weight", "fc.weight"))]
+    if not heads:
+        raise ConfigError("cannot tell the number of classes from the checkpoint (no head.weight / fc.weight)")
+    return int(heads[0].shape[0])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .data import build_data
+    from .engine import evaluate
+    from .engine.distributed import DistInfo, resolve_device
+
+    device = resolve_device(args.device)
+    model, data_values, _ = _load_for_eval(Path(args.checkpoint), str(device))
+    if args.data:
+        data_values["name"] = args.data
+    if args.data_root:
+        data_values["root"] = args.data_root
+    data_values = {k: v for k, v in data_values.items() if k in DataConfig.__dataclass_fields__}
+    data_values.update(fraction=1.0, augment={})
+    data_cfg = config_from_dict({"data": data_values}).data
+    bundle = build_data(data_cfg, seed=0)
+    loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=data_cfg.num_workers)
+    metrics = evaluate(model, loader, device, DistInfo(device=device))
+    result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "images": len(bundle.val), **metrics}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.trainer import model_metadata
+    from .models import save_weights
+
+    model, _, ckpt = _load_for_eval(Path(args.checkpoint), "cpu")
+    if ckpt is None:
+        raise ConfigError(f"export needs a training checkpoint (.pt), got '{args.checkpoint}'")
+    cfg = config_from_dict(ckpt["config"])
+    if args.ema:
+        if ckpt.get("ema") is None:
+            raise ConfigError(f"--ema: '{args.checkpoint}' holds no EMA weights (train.ema was false)")
+        model.load_state_dict(ckpt["ema"])
+    save_weights(model, args.output, model_metadata(cfg, _num_classes(ckpt)))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, fraction=args.fraction, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitdistill", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one experiment from a YAML config")
+    t.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/fashion_mnist/student_vit.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 data.fraction=0.1")
+    t.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue the run from its last checkpoint (optionally: the run folder)")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (.pt or exported .safetensors) on a test set")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
+    e.add_argument("--data-root", help="dataset folder")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a training checkpoint's student as .safetensors with metadata")
+    x.add_argument("checkpoint")
+    x.add_argument("output")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights")
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="train a CNN teacher and the ViT student on a Fashion-MNIST subset")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--fraction", type=float, default=0.1)
+    d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"vitdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitdistill {args.command}: interrupted; `vitdistill train CONFIG --resume` continues a run", file=sys.stderr)
+        return 130
+
+

@@ -1,0 +1,286 @@
+"""Experiment configuration: YAML (safe_load) into dataclasses, dotted overrides, validation.
+
+One YAML file describes one experiment. Unknown keys are errors that suggest the closest valid
+key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the bad value and what is valid."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    deterministic: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
+    hflip: float = 0.0  # probability of a horizontal flip
+    randaugment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
+    random_erasing: float = 0.0  # probability (timm RandomErasing)
+    mixup: float = 0.0  # mixup alpha (timm Mixup); 0 disables
+    cutmix: float = 0.0  # cutmix alpha (timm Mixup); 0 disables
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder | random
+    root: str | None = None  # dataset folder; None searches the default places
+    fraction: float = 1.0  # class-balanced, seeded subset of the training set
+    subset_seed: int | None = None  # None: use run.seed
+    img_size: int = 28
+    in_chans: int = 1  # 1 or 3; grayscale data is repeated to 3 channels when needed
+    mean: list[float] | None = None  # None: the dataset's own statistics
+    std: list[float] | None = None
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    download: bool = True  # allow torchvision to download when no local copy is found
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class MHCAConfig:
+    """Multi-head convolutional attention (DearKD) in chosen blocks of a timm ViT student."""
+
+    blocks: list[int] = field(default_factory=list)  # block indices; empty: plain attention everywhere
+    locality_strength: float = 1.0  # alpha of the local initialisation
+    pos_drop: float = 0.0  # dropout on the positional logits
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vitd_tiny_patch4_28"  # any timm model name, including vitdistill's presets
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides
+    pretrained: bool = False
+    checkpoint: str | None = None  # local .safetensors / .pt / .pth weights
+    mhca: MHCAConfig = field(default_factory=MHCAConfig)
+
+
+@dataclass
+class TeacherConfig:
+    name: str | None = None  # None: no teacher
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = "none"  # a registered distillation method
+    params: dict[str, Any] = field(default_factory=dict)  # validated by the method itself
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: str = "adamw"  # any timm optimizer name
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.0
+    clip_grad: float | None = 1.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    amp: bool = False
+    amp_dtype: str = "bfloat16"  # bfloat16 (CPU or CUDA) | float16 (CUDA only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = False
+    compile: bool = False
+    log_interval: int = 50  # optimisation steps between plain-text progress lines
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    tensorboard: bool = False
+    max_steps_per_epoch: int | None = None  # cap for smoke runs; None = whole epoch
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {sorted(_field_types(tp))}, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    types_ = _field_types(cls)
+    for key in values:
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} valid keys: {sorted(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = _build(Config, values or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides such as ``train.epochs=5`` or ``method.params.alpha=0.5`` to a raw dict."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = values
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    _check(0.0 < d.fraction <= 1.0, f"data.fraction={d.fraction} must be in (0, 1]")
+    _check(d.in_chans in (1, 3), f"data.in_chans={d.in_chans} must be 1 or 3")
+    _check(d.img_size >= 8, f"data.img_size={d.img_size} must be at least 8")
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be at least 1")
+    _check(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size} must be at least 1")
+    _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    for name in ("mean", "std"):
+        v = getattr(d, name)
+        _check(v is None or len(v) == d.in_chans, f"data.{name}={v} must have data.in_chans={d.in_chans} values")
+    a = d.augment
+    for name in ("hflip", "random_erasing"):
+        p = getattr(a, name)
+        _check(0.0 <= p <= 1.0, f"data.augment.{name}={p} must be a probability in [0, 1]")
+    _check(a.mixup >= 0 and a.cutmix >= 0, "data.augment.mixup and cutmix must be >= 0")
+    _check(not (a.mixup or a.cutmix) or d.batch_size % 2 == 0,
+           f"data.batch_size={d.batch_size} must be even when mixup/cutmix is on (timm Mixup pairs images)")
+    m = cfg.model.mhca
+    _check(0.0 <= m.pos_drop < 1.0, f"model.mhca.pos_drop={m.pos_drop} must be in [0, 1)")
+    _check(m.locality_strength >= 0, f"model.mhca.locality_strength={m.locality_strength} must be >= 0")
+    _check(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
+    _check(t.lr > 0, f"train.lr={t.lr} must be positive")
+    _check(0 <= t.warmup_epochs <= t.epochs, f"train.warmup_epochs={t.warmup_epochs} must be in [0, train.epochs={t.epochs}]")
+    _check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.clip_grad is None or t.clip_grad > 0, f"train.clip_grad={t.clip_grad} must be positive or null")
+    _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in (0, 1)")
+    _check(t.amp_dtype in ("bfloat16", "float16"), f"train.amp_dtype='{t.amp_dtype}' must be bfloat16 or float16")
+    _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be at least 1")
+    _check(t.log_interval >= 1, f"train.log_interval={t.log_interval} must be at least 1")
+    dev = t.device
+    _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
+    _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be >= 1 or null")

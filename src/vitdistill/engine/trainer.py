@@ -1,0 +1,420 @@
+"""The training loop. It knows no distillation method: a Distiller returns named losses, we sum them.
+
+Resumability: a checkpoint at the end of every epoch holds everything that influences the rest
+of the run (weights, optimizer, scheduler, scaler, EMA, stage, RNG states, metric history), and
+the data order of epoch ``e`` depends only on (seed, e). A run resumed from epoch ``e`` therefore
+replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.optim
+import timm.utils
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from ..config import Config, ModelConfig, TeacherConfig, config_from_dict, config_to_dict, save_config
+from ..data import build_data
+from ..methods import Distiller, build_method
+from ..models import ModelError, count_params, create_model, save_weights
+from ..models import load_checkpoint as load_model_weights
+from ..models.mhca import apply_mhca
+from .checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from .runlog import Progress, TensorBoardLog, versions, write_metrics_csv, write_summary
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, an existing run folder, ...); the message says why."""
+
+
+LAST_CHECKPOINT = "last.pt"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """Learning rate at an optimisation step: linear warm-up, then cosine decay to ``min_lr``."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """A model from its config section: timm by name, MHCA where asked, then local weights."""
+    model = create_model(mcfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                         pretrained=mcfg.pretrained, **mcfg.kwargs)
+    mhca = getattr(mcfg, "mhca", None)
+    if mhca is not None and mhca.blocks:
+        try:
+            apply_mhca(model, mhca.blocks, mhca.locality_strength, mhca.pos_drop)
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"model.mhca.blocks={mhca.blocks} for '{mcfg.name}': {e}") from None
+    if mcfg.checkpoint:
+        load_model_weights(model, mcfg.checkpoint)
+    return model
+
+
+def build_models(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
+    d = cfg.data
+    student = build_model(cfg.model, num_classes, d.in_chans, d.img_size)
+    teacher = build_model(cfg.teacher, num_classes, d.in_chans, d.img_size) if cfg.teacher.name else None
+    return student, teacher
+
+
+def model_metadata(cfg: Config, num_classes: int) -> dict[str, str]:
+    """What `export`/`eval` need to rebuild the student from a bare safetensors file."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("checkpoint", "pretrained")}
+    return {"model": json.dumps(model), "num_classes": str(num_classes), "in_chans": str(cfg.data.in_chans),
+            "img_size": str(cfg.data.img_size), "dataset": cfg.data.name}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, info: DistInfo,
+             amp_ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole loader (all ranks reduced)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        with amp_ctx or contextlib.nullcontext():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk.eq(targets[:, None])
+        totals += torch.tensor([len(targets), hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                                nn.functional.cross_entropy(logits, targets, reduction="sum").item()],
+                               dtype=torch.float64, device=device)
+    all_reduce_sum(totals, info)
+    model.train(was_training)
+    n = max(totals[0].item(), 1.0)
+    return {"top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "loss": totals[3].item() / n}
+
+
+@dataclass
+class _Loaders:
+    train: DataLoader
+    train_sampler: DistributedSampler
+    val: DataLoader
+    steps_per_epoch: int
+
+
+def _build_loaders(cfg: Config, data, info: DistInfo) -> _Loaders:
+    d = cfg.data
+    # DistributedSampler also for one process: its order depends only on (seed, epoch), which
+    # is what makes a resumed run replay the same batches.
+    sampler = DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.run.seed, drop_last=False)
+    drop_last = len(sampler) >= d.batch_size  # mixup needs even, full batches; tiny sets keep their one batch
+    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
+                       drop_last=drop_last, pin_memory=info.device.type == "cuda",
+                       persistent_workers=d.num_workers > 0)
+    # evaluation shards are disjoint (no padding), so reduced counts are exact
+    val_indices = list(range(info.rank, len(data.val), info.world_size))
+    val = DataLoader(Subset(data.val, val_indices), batch_size=d.eval_batch_size, shuffle=False,
+                     num_workers=d.num_workers)
+    steps = len(train)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps == 0:
+        raise TrainingError(f"the training set ({len(data.train)} images) gives no batch of data.batch_size={d.batch_size}")
+    return _Loaders(train, sampler, val, steps)
+
+
+class Trainer:
+    """Builds everything from a Config and runs (or resumes) it. ``fit()`` returns the summary."""
+
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.info = setup_distributed(cfg.train.device)
+        self.quiet = quiet or not self.info.is_main
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        ckpt_path = self.run_dir / LAST_CHECKPOINT
+        if ckpt_path.exists() and not resume:
+            raise TrainingError(f"run folder '{self.run_dir}' already holds a checkpoint; pass --resume to continue it, "
+                                f"or choose another run.name=... / run.output_dir=...")
+        if resume and not ckpt_path.exists():
+            raise TrainingError(f"--resume: no checkpoint '{ckpt_path}' to resume from")
+        resume_state = load_checkpoint(ckpt_path) if resume else None
+
+        t = cfg.train
+        seed_everything(cfg.run.seed + self.info.rank, cfg.run.deterministic)
+        self.data = build_data(cfg.data, seed=cfg.run.seed, label_smoothing=t.label_smoothing)
+        student, teacher = build_models(cfg, self.data.num_classes)
+        self.distiller: Distiller = build_method(cfg.method.name, cfg.method.params, student, teacher,
+                                                 label_smoothing=t.label_smoothing, epochs=t.epochs)
+        self.device = self.info.device
+        self.distiller.to(self.device)
+        if t.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.loaders = _build_loaders(cfg, self.data, self.info)
+        self.total_steps = t.epochs * self.loaders.steps_per_epoch
+        self.warmup_steps = round(t.warmup_epochs * self.loaders.steps_per_epoch)
+
+        self.optimizer = timm.optim.create_optimizer_v2(self.distiller, opt=t.optimizer, lr=t.lr,
+                                                        weight_decay=t.weight_decay)
+        for group in self.optimizer.param_groups:
+            group["lr_scale"] = group["lr"] / t.lr  # keeps per-group scaling (e.g. layer decay) under our schedule
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp and t.amp_dtype == "float16")
+        if t.amp and t.amp_dtype == "float16" and self.device.type != "cuda":
+            raise TrainingError("train.amp_dtype=float16 needs CUDA; use bfloat16 on the CPU")
+        self.ema = timm.utils.ModelEmaV3(self.distiller.student, decay=t.ema_decay) if t.ema else None
+        self.step = 0
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"top1": -1.0}
+        self.wall_time = 0.0
+        if resume_state is not None:
+            self._load_state(resume_state)
+        else:
+            self._apply_stage(self.distiller.stage_for_epoch(0))
+        self.model = self._wrap_ddp()
+
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if self.data.train_indices is not None:
+                (self.run_dir / "subset_indices.json").write_text(json.dumps(self.data.train_indices))
+        self.tb = TensorBoardLog(self.run_dir / "tensorboard", t.tensorboard and self.info.is_main)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _wrap_ddp(self) -> nn.Module:
+        if not self.info.enabled:
+            return self.distiller
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.distiller, device_ids=ids, broadcast_buffers=False)
+
+    def _apply_stage(self, stage: int) -> None:
+        """Enter a stage; parameters outside the method's trainable modules leave the optimizer."""
+        self.distiller.on_stage_change(stage)
+        keep = {id(p) for m in self.distiller.trainable_modules() for p in m.parameters()}
+        for group in self.optimizer.param_groups:
+            dropped = [p for p in group["params"] if id(p) not in keep]
+            for p in dropped:
+                self.optimizer.state.pop(p, None)
+                p.requires_grad_(False)
+                p.grad = None
+            group["params"] = [p for p in group["params"] if id(p) in keep]
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "epoch": epoch,  # epochs completed
+            "step": self.step,
+            "stage": self.distiller.stage,
+            "rng": capture_rng_state(),
+            "config": config_to_dict(self.cfg),
+            "history": self.history,
+            "best": self.best,
+            "wall_time": self.wall_time,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        saved = config_from_dict(state["config"])
+        if config_to_dict(saved) != config_to_dict(self.cfg):
+            diff = [k for k, v in config_to_dict(self.cfg).items() if config_to_dict(saved)[k] != v]
+            raise TrainingError(f"--resume: the config differs from the checkpoint's in sections {diff}; "
+                                f"resume with the run's own config.yaml")
+        self._apply_stage(state["stage"])
+        self.distiller.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.start_epoch = state["epoch"]
+        self.step = state["step"]
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.wall_time = state["wall_time"]
+        restore_rng_state(state["rng"])
+
+    def _save(self, epoch: int) -> None:
+        if self.info.is_main:
+            atomic_torch_save(self._state(epoch), self.run_dir / LAST_CHECKPOINT)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        barrier(self.info)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _amp(self) -> contextlib.AbstractContextManager:
+        t = self.cfg.train
+        if not t.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, t.amp_dtype))
+
+    def _set_lr(self) -> float:
+        t = self.cfg.train
+        lr = cosine_with_warmup(self.step, self.total_steps, self.warmup_steps, t.lr, t.warmup_lr, t.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        t, loaders = self.cfg.train, self.loaders
+        self.model.train()
+        loaders.train_sampler.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        progress = Progress(loaders.train, loaders.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}",
+                            t.log_interval, not self.quiet)
+        start = time.perf_counter()
+        for i, (images, targets) in enumerate(progress):
+            if i >= loaders.steps_per_epoch:
+                break
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            hard_targets = targets
+            if self.data.mixup_fn is not None:
+                images, targets = self.data.mixup_fn(images, targets)
+            lr = self._set_lr()
+            with self._amp():
+                logits, losses = self.model(images, targets, epoch)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {i + 1}: {values}; stopping. "
+                                    f"The last good checkpoint is kept in '{self.run_dir / LAST_CHECKPOINT}' "
+                                    f"(if an epoch had finished); lower train.lr or enable train.clip_grad")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if t.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.distiller.student, step=self.step)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double() * len(images)
+            correct += logits.detach().argmax(1).eq(hard_targets).sum()
+            seen += len(images)
+            progress.update(i + 1, {"loss": loss.item(), "lr": lr})
+        progress.close()
+        elapsed = time.perf_counter() - start
+        names = sorted(sums)
+        packed = torch.stack([sums[k] for k in names] + [correct, torch.tensor(seen, dtype=torch.float64, device=self.device)])
+        all_reduce_sum(packed, self.info)
+        n = packed[-1].item()
+        row = {f"train_{k}": packed[j].item() / n for j, k in enumerate(names)}
+        row["train_loss"] = sum(row.values())
+        row["train_top1"] = 100.0 * packed[-2].item() / n
+        row["images_per_s"] = n / elapsed
+        return row
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        if self.info.is_main and not self.quiet:
+            n_student = count_params(self.distiller.student)
+            print(f"run '{self.run_dir}': {self.cfg.model.name} ({n_student / 1e6:.2f}M params), method "
+                  f"'{self.cfg.method.name}', {len(self.data.train)} training images, {t.epochs} epochs x "
+                  f"{self.loaders.steps_per_epoch} steps, device {self.device}, {self.info.world_size} process(es)",
+                  flush=True)
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                stage = self.distiller.stage_for_epoch(epoch)
+                if stage != self.distiller.stage:
+                    self._apply_stage(stage)
+                    self.model = self._wrap_ddp()
+                epoch_start = time.perf_counter()
+                row: dict[str, Any] = {"epoch": epoch + 1, "stage": self.distiller.stage}
+                row.update(self.train_one_epoch(epoch))
+                row["lr"] = self.optimizer.param_groups[0]["lr"]
+                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                    val = evaluate(self.distiller, self.loaders.val, self.device, self.info, self._amp())
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    if self.ema is not None:
+                        ema_val = evaluate(self.ema.module, self.loaders.val, self.device, self.info, self._amp())
+                        row.update({f"val_ema_{k}": v for k, v in ema_val.items()})
+                    if val["top1"] > self.best["top1"]:
+                        self.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
+                        if self.info.is_main:
+                            save_weights(self.distiller.student, self.run_dir / "best.safetensors",
+                                         model_metadata(self.cfg, self.data.num_classes))
+                self.wall_time += time.perf_counter() - epoch_start
+                row["epoch_time_s"] = time.perf_counter() - epoch_start
+                self.history.append(row)
+                self.tb.log(row, self.step)
+                self._save(epoch + 1)
+                if not self.quiet:
+                    shown = {k: v for k, v in row.items() if k.startswith(("train_", "val_")) or k == "images_per_s"}
+                    print(f"epoch {epoch + 1}/{t.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+            return self._finish()
+        finally:
+            self.tb.close()
+
+    def _finish(self) -> dict[str, Any]:
+        last = self.history[-1]
+        summary = {
+            "run": str(self.run_dir),
+            "model": self.cfg.model.name,
+            "method": self.cfg.method.name,
+            "student_params": count_params(self.distiller.student),
+            "train_images": len(self.data.train),
+            "epochs": self.cfg.train.epochs,
+            "seed": self.cfg.run.seed,
+            "best_top1": self.best["top1"],
+            "best_top5": self.best.get("top5"),
+            "best_epoch": self.best.get("epoch"),
+            "last_top1": last.get("val_top1"),
+            "last_top5": last.get("val_top5"),
+            "wall_time_s": self.wall_time,
+            "world_size": self.info.world_size,
+            "versions": versions(),
+        }
+        if self.info.is_main:
+            save_weights(self.distiller.student, self.run_dir / "last.safetensors",
+                         model_metadata(self.cfg, self.data.num_classes))
+            write_summary(self.run_dir / "summary.json", summary)
+        barrier(self.info)
+        return summary
+
+    def close(self) -> None:
+        cleanup_distributed(self.info)
+
+
+def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) one run; returns its summary (also written to ``summary.json``)."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["CheckpointError", "Trainer", "TrainingError", "cosine_with_warmup", "evaluate", "train"]

@@ -1,0 +1,61 @@
+"""Shared plumbing for methods that read intermediate layers: layer pairs, taps, aligners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import Aligner
+from ..models import LayerTap
+from .base import MethodError
+
+
+def layer_pairs(params: dict[str, Any], method: str) -> tuple[list[int], list[int]]:
+    """``student_layers`` and ``teacher_layers`` from the params, checked to pair up one to one."""
+    s, t = params["student_layers"], params["teacher_layers"]
+    if not isinstance(s, Sequence) or not isinstance(t, Sequence) or isinstance(s, str) or isinstance(t, str):
+        raise MethodError(f"method '{method}': student_layers and teacher_layers must be lists of layer indices, "
+                          f"got {s!r} and {t!r}")
+    if len(s) != len(t) or not s:
+        raise MethodError(f"method '{method}': student_layers {list(s)} and teacher_layers {list(t)} must be "
+                          f"non-empty lists of the same length (one teacher layer per student layer)")
+    return list(s), list(t)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects: from its patch embedding when it has one, else its timm cfg."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        return embed.proj.in_channels, *embed.img_size
+    return tuple(model.pretrained_cfg["input_size"])
+
+
+@torch.no_grad()
+def probe_map_shapes(tap: LayerTap, model: nn.Module, shape: tuple[int, int, int]) -> dict[Any, tuple[int, ...]]:
+    """Shapes (C, H, W) of the tapped maps, from one forward pass on a blank image."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, maps = tap(torch.zeros(2, *shape, device=next(model.parameters()).device), need_logits=False)
+    finally:
+        model.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in maps.items()}
+
+
+def build_aligners(student: nn.Module, teacher: nn.Module, s_layers: list[int], t_layers: list[int]
+                   ) -> tuple[LayerTap, LayerTap, nn.ModuleList]:
+    """Taps on both models and one aligner per pair mapping the student map onto the teacher's shape."""
+    s_tap, t_tap = LayerTap(student, s_layers), LayerTap(teacher, t_layers)
+    shape = input_shape(student)
+    s_shapes = probe_map_shapes(s_tap, student, shape)
+    t_shapes = probe_map_shapes(t_tap, teacher, shape)
+    aligners = nn.ModuleList(
+        Aligner(s_shapes[s][0], t_shapes[t][0], s_shapes[s][1:], t_shapes[t][1:]) for s, t in zip(s_layers, t_layers))
+    return s_tap, t_tap, aligners
+
+
+def ordered(maps: dict[Any, Tensor], layers: list[Any]) -> list[Tensor]:
+    return [maps[layer] for layer in layers]

@@ -1,0 +1,128 @@
+"""End-to-end behaviour of the trainer on real Fashion-MNIST images (tiny models, CPU)."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from vitdistill.config import config_from_dict
+from vitdistill.engine import TrainingError, cosine_with_warmup, load_checkpoint, train
+from vitdistill.methods import Distiller, register_method
+from vitdistill.methods.vanilla import Vanilla
+
+TIME_COLUMNS = {"images_per_s", "epoch_time_s"}
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in csv.DictReader(f)]
+
+
+def test_cosine_schedule_shape():
+    lrs = [cosine_with_warmup(s, 100, 10, 1e-3, 1e-6, 1e-5) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine falls
+    assert lrs[100] == pytest.approx(1e-5)
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.slow
+def test_tiny_vit_beats_chance_on_real_images(tiny_cfg_values, tmp_path):
+    values = tiny_cfg_values
+    values["data"].update(fraction=0.1, batch_size=64)  # 6000 images, 93 steps/epoch
+    values["model"]["kwargs"] = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+    values["train"].update(epochs=4, warmup_epochs=0.5, eval_every=4)  # ~370 optimisation steps
+    summary = train(config_from_dict(values), quiet=True)
+    run_dir = tmp_path / "runs" / "tiny"
+    # 10 classes: chance is 10%; a few hundred steps must land far above it on the 10k test set
+    assert summary["last_top1"] > 65.0, summary
+    assert summary["train_images"] == 6000
+    for name in ("config.yaml", "metrics.csv", "summary.json", "last.pt", "last.safetensors", "best.safetensors",
+                 "subset_indices.json"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert {"train_ce", "train_loss", "train_top1", "lr", "val_top1", "val_top5"} <= set(rows[0])
+    assert float(rows[-1]["train_ce"]) < float(rows[0]["train_ce"])
+    indices = json.loads((run_dir / "subset_indices.json").read_text())
+    assert len(indices) == 6000
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["best_top1"] >= saved["last_top1"] == summary["last_top1"]
+
+
+def test_killed_run_resumes_to_identical_metrics(tiny_cfg_values, tmp_path, monkeypatch):
+    values = tiny_cfg_values
+    full = train(config_from_dict({**values, "run": {**values["run"], "name": "full"}}), quiet=True)
+
+    # Same run, killed in the middle of epoch 2 (the 25th training step; epoch 1 has 18 steps).
+    calls = {"n": 0}
+    original = Vanilla.forward_train
+
+    def dying_forward_train(self, images, targets, epoch):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images, targets, epoch)
+
+    monkeypatch.setattr(Vanilla, "forward_train", dying_forward_train)
+    cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quiet=True)
+    killed_dir = tmp_path / "runs" / "killed"
+    assert load_checkpoint(killed_dir / "last.pt")["epoch"] == 1
+    assert not (killed_dir / "summary.json").exists()
+    monkeypatch.setattr(Vanilla, "forward_train", original)
+
+    with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):
+        train(cfg, quiet=True)
+    resumed = train(cfg, resume=True, quiet=True)
+
+    assert read_metrics(killed_dir) == read_metrics(tmp_path / "runs" / "full")
+    assert resumed["last_top1"] == full["last_top1"]
+    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")["model"]
+    b = load_checkpoint(killed_dir / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@register_method("test_nan_after_20_steps")
+class NanAfter20Steps(Distiller):
+    steps = 0
+
+    def forward_train(self, images, targets, epoch):
+        logits, losses = super().forward_train(images, targets, epoch)
+        type(self).steps += 1
+        if type(self).steps > 20:
+            losses["ce"] = losses["ce"] * float("nan")
+        return logits, losses
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg_values, tmp_path):
+    values = {**tiny_cfg_values, "method": {"name": "test_nan_after_20_steps"}}
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 3: \{'ce': nan\}"):
+        train(config_from_dict(values), quiet=True)
+    state = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_different_config(tiny_cfg_values):
+    values = {**tiny_cfg_values, "train": {**tiny_cfg_values["train"], "epochs": 1}}
+    train(config_from_dict(values), quiet=True)
+    changed = {**values, "train": {**values["train"], "lr": 1.0}}
+    with pytest.raises(TrainingError, match=r"config differs from the checkpoint's in sections \['train'\]"):
+        train(config_from_dict(changed), resume=True, quiet=True)
+
+
+def test_ema_and_mixup_run_and_are_logged(tiny_cfg_values, tmp_path):
+    values = tiny_cfg_values
+    values["train"].update(epochs=1, ema=True, ema_decay=0.9)
+    values["data"]["augment"] = {"mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.25}
+    summary = train(config_from_dict(values), quiet=True)
+    rows = read_metrics(tmp_path / "runs" / "tiny")
+    assert "val_ema_top1" in rows[0]
+    assert 0.0 <= float(rows[0]["val_ema_top1"]) <= 100.0
+    assert summary["epochs"] == 1
