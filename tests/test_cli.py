@@ -69,6 +69,7 @@ def test_non_checkpoint_files_give_one_clear_error(tmp_path, capsys):
 def test_train_eval_export_round_trip(tmp_path, capsys, tiny_cfg_values):
     values = tiny_cfg_values
     values["train"].update(epochs=1, max_steps_per_epoch=5)
+    values["model"]["mhca"] = {"blocks": [0], "locality_strength": 2.0}  # eval/export must rebuild MHCA too
     assert main(["train", write_config(tmp_path, values), "--quiet"]) == 0
     run_dir = tmp_path / "runs" / "tiny"
     trained = json.loads((run_dir / "summary.json").read_text())

@@ -47,7 +47,7 @@ PARAM_RANGES = {
     "vitd_tiny_patch4_28_distilled": (1.0e6, 1.4e6),
     "vitd_small_patch4_28": (4.0e6, 6.0e6),
     "caitd_small_patch4_28": (3.5e6, 6.0e6),
-    "resnetd_small_28": (1.0e6, 1.5e6),
+    "resnetd_small_28": (0.25e6, 0.4e6),
     "swind_tiny_28": (1.0e6, 1.5e6),
     "swind_tiny_32": (1.0e6, 1.5e6),
 }
@@ -91,8 +91,8 @@ def test_resnet_small_stem_and_feature_info():
     assert [f.shape[-1] for f in feats] == [28, 28, 14, 7, 4]
     assert [f.shape[1] for f in feats] == [info["num_chs"] for info in model.feature_info]
     # overrides reach the timm ResNet constructor
-    deeper = timm.create_model("resnetd_small_28", layers=(2, 2, 2, 2), channels=(16, 32, 64, 128))
-    assert len(deeper.layer3) == 2 and deeper.conv1.out_channels == 16
+    deeper = timm.create_model("resnetd_small_28", layers=(2, 2, 2, 2), channels=(32, 64, 128, 256))
+    assert len(deeper.layer3) == 2 and deeper.conv1.out_channels == 32
     # features_only (timm's feature extraction) works with the corrected reductions
     fx = timm.create_model("resnetd_small_28", features_only=True, out_indices=(1, 2))
     assert fx.feature_info.reduction() == [1, 2]

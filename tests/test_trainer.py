@@ -117,12 +117,13 @@ def test_resume_refuses_a_different_config(tiny_cfg_values):
         train(config_from_dict(changed), resume=True, quiet=True)
 
 
-def test_ema_and_mixup_run_and_are_logged(tiny_cfg_values, tmp_path):
+def test_ema_mixup_and_tensorboard_are_logged(tiny_cfg_values, tmp_path):
     values = tiny_cfg_values
-    values["train"].update(epochs=1, ema=True, ema_decay=0.9)
+    values["train"].update(epochs=1, ema=True, ema_decay=0.9, tensorboard=True)
     values["data"]["augment"] = {"mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.25}
     summary = train(config_from_dict(values), quiet=True)
     rows = read_metrics(tmp_path / "runs" / "tiny")
     assert "val_ema_top1" in rows[0]
     assert 0.0 <= float(rows[0]["val_ema_top1"]) <= 100.0
     assert summary["epochs"] == 1
+    assert list((tmp_path / "runs" / "tiny" / "tensorboard").glob("events.out.tfevents.*"))

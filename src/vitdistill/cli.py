@@ -8,17 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DataConfig, config_from_dict, config_to_dict, load_config
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_config_path(path: str) -> Path:
-    """A config path as given, or relative to the repository (so `configs/...` works from anywhere)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+from .config import ConfigError, DataConfig, config_from_dict, config_to_dict, load_config, resolve_path
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -42,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overrides:
             raise ConfigError("overrides cannot be combined with --resume RUN_DIR; a resumed run keeps its config")
     else:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        cfg = load_config(resolve_path(args.config), args.overrides)
     summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
     print(json.dumps({k: summary[k] for k in ("run", "best_top1", "last_top1", "wall_time_s")}, indent=2))
     return 0

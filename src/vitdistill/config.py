@@ -16,6 +16,18 @@ from typing import Any
 
 import yaml
 
+#: the source checkout (for an editable install): configs/ and weights/ paths also resolve against it
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given if it exists (or is absolute), else relative to the repository checkout, so that
+    ``configs/...`` and ``weights/...`` in shipped configs work from any working directory."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists():
+        return p
+    return REPO_ROOT / p
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the bad value and what is valid."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import resolve_config_path
-from .config import load_config
+from .config import load_config, resolve_path
 from .engine import train
 
 # (label, config, epochs): sized so that the whole demo stays well within 15 minutes on 2 CPU cores
@@ -28,7 +27,7 @@ def run_demo(output_dir: str = "runs/demo", fraction: float = 0.1, quick: bool =
                      "train.eval_every=5"]
         if quick:
             overrides += ["train.epochs=1", "train.max_steps_per_epoch=3", "train.warmup_epochs=0"]
-        cfg = load_config(resolve_config_path(config), overrides)
+        cfg = load_config(resolve_path(config), overrides)
         resume = (Path(cfg.run.output_dir) / cfg.run.name / "last.pt").exists()
         print(f"\n== {label}: {config} on {fraction:.0%} of Fashion-MNIST ({'resuming' if resume else 'training'})",
               flush=True)

@@ -26,7 +26,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..config import Config, ModelConfig, TeacherConfig, config_from_dict, config_to_dict, save_config
+from ..config import (
+    Config,
+    ModelConfig,
+    TeacherConfig,
+    config_from_dict,
+    config_to_dict,
+    resolve_path,
+    save_config,
+)
 from ..data import build_data
 from ..methods import Distiller, build_method
 from ..models import ModelError, count_params, create_model, save_weights
@@ -78,7 +86,7 @@ def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: i
         except (ValueError, TypeError) as e:
             raise ModelError(f"model.mhca.blocks={mhca.blocks} for '{mcfg.name}': {e}") from None
     if mcfg.checkpoint:
-        load_model_weights(model, mcfg.checkpoint)
+        load_model_weights(model, resolve_path(mcfg.checkpoint))
     return model
 
 
@@ -174,6 +182,7 @@ class Trainer:
                                                  label_smoothing=t.label_smoothing, epochs=t.epochs)
         self.device = self.info.device
         self.distiller.to(self.device)
+        self.distiller.prepare(self.data.train, cfg.run.seed)
         if t.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.loaders = _build_loaders(cfg, self.data, self.info)

@@ -1,4 +1,4 @@
-from . import dearkd, deit, feature_mse, kd, vanilla  # noqa: F401  (registers the methods)
+from . import dearkd, deit, feature_mse, kd, spectralkd, vanilla  # noqa: F401  (registers the methods)
 from .base import Distiller, MethodError, build_method, get_method, list_methods, register_method
 
 __all__ = ["Distiller", "MethodError", "build_method", "get_method", "list_methods", "register_method"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 
 class MethodError(ValueError):
@@ -50,6 +51,11 @@ class Distiller(nn.Module):
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student]
+
+    def prepare(self, train_set: Dataset, seed: int) -> None:
+        """Called once before training (and again on resume) with the training set: methods that
+        decide something from data (e.g. SpectralKD's ``auto`` layer pairs) do it here,
+        deterministically in ``seed``. Must not create parameters."""
 
     def stage_for_epoch(self, epoch: int) -> int:
         return 1

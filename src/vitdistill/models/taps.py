@@ -107,8 +107,10 @@ class LayerTap:
     ``forward_intermediates``' final features, or the model's own output on the hook path), so they
     equal ``model(x)``; for a distilled DeiT in train mode with ``distilled_training`` on they are
     the ``(cls, dist)`` pair, as from the model. With ``need_logits=False`` the forward stops after
-    the last needed layer and ``None`` is returned for the logits. No copies are made; works with
-    autograd and under ``torch.inference_mode()``. Pass the bare model, not a DDP wrapper.
+    the last needed layer and ``None`` is returned for the logits. The model is used in place (never
+    copied or modified); works with autograd (students) and under ``torch.inference_mode()``
+    (teachers). Pass the bare model, not a DDP wrapper: wrap the module whose forward calls the tap
+    (the Distiller) in DDP instead, so that DDP's own forward runs and gradients are synchronised.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int | str]) -> None:

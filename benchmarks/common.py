@@ -1,0 +1,116 @@
+"""Benchmark plumbing shared by the scripts in this folder.
+
+A benchmark is a list of runs (a config plus overrides). Each run is an ordinary ``vitdistill train``
+in its own folder, so an interrupted benchmark loses no finished run: finished runs (summary.json)
+are skipped, started ones are resumed. Results are aggregated over seeds (mean, sample std) and
+written into a marked section of BENCHMARKS.md together with the command, machine and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+
+@dataclass
+class Run:
+    group: str  # what the table row is (method or ablation)
+    column: str  # what the table column is (e.g. the data fraction)
+    seed: int
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}__{self.column}__s{self.seed}".replace("/", "-").replace(" ", "_")
+
+
+def run_dir(out: Path, run: Run) -> Path:
+    return out / run.name
+
+
+def _launch(run: Run, out: Path, threads: int) -> dict:
+    folder = run_dir(out, run)
+    summary = folder / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    cmd = [sys.executable, "-m", "vitdistill", "train", run.config, *run.overrides,
+           f"run.output_dir={out}", f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
+    if (folder / "last.pt").exists():
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f"[{time.strftime('%H:%M:%S')}] done {run.name} in {time.perf_counter() - start:.0f}s", flush=True)
+    return json.loads(summary.read_text())
+
+
+def run_all(runs: Sequence[Run], out: Path, jobs: int) -> dict[str, dict]:
+    """Run (or resume, or skip) every run; ``jobs`` processes at once share the cores evenly."""
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda r: _launch(r, out, threads), runs))
+    return {r.name: s for r, s in zip(runs, results)}
+
+
+def aggregate(runs: Sequence[Run], results: dict[str, dict], key: str = "last_top1") -> dict[tuple[str, str], list[float]]:
+    table: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        table.setdefault((r.group, r.column), []).append(results[r.name][key])
+    return table
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_table(table: dict[tuple[str, str], list[float]], groups: Sequence[str], columns: Sequence[str],
+                 column_title: str) -> str:
+    lines = ["| method | " + " | ".join(f"{column_title} {c}" for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for g in groups:
+        cells = []
+        for c in columns:
+            v = table.get((g, c))
+            if v:
+                m, s = mean_std(v)
+                cells.append(f"{m:.2f} ± {s:.2f} (n={len(v)})")
+            else:
+                cells.append("—")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def write_section(marker: str, text: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the block between ``<!-- marker:start -->`` and ``<!-- marker:end -->``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        body = before + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    path.write_text(body)

@@ -1,0 +1,125 @@
+"""DearKD data-efficiency benchmark on Fashion-MNIST (METHODS.md section 1, issue: DearKD).
+
+Methods none / kd / deit / dearkd at several training fractions, plus DearKD ablations at the
+smallest fraction, >= 2 seeds, top-1 (last epoch) on the full 10k test set.
+
+Budget: every run sees the same number of training images (``--budget``), i.e. the same number of
+optimisation steps: epochs = budget / (fraction * 60000). Equal steps make the columns differ in
+data only, which is the question "how much data does the ViT need"; at equal epochs the 10% run
+would also get 10x fewer steps and the table would mix data and compute.
+
+    python benchmarks/dearkd_data_efficiency.py --profile quick   # pipeline check, < 30 min on 2 cores
+    python benchmarks/dearkd_data_efficiency.py --profile full    # the table for BENCHMARKS.md
+
+Runs land in runs/bench/dearkd/<profile>/; re-running resumes or skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import REPO, Run, aggregate, format_table, machine, mean_std, run_all, write_section
+
+FMNIST_TRAIN = 60000
+CONFIGS = REPO / "configs" / "fashion_mnist"
+METHODS = {  # row name: (config, extra overrides)
+    "none (ViT alone)": ("student_vit.yaml", []),
+    "kd (soft)": ("kd.yaml", []),
+    "deit (hard dist token)": ("deit.yaml", []),
+    "dearkd": ("dearkd.yaml", []),
+}
+ABLATIONS = {  # at the smallest fraction only
+    "dearkd w/o MHCA": ("dearkd.yaml", ["model.mhca.blocks=[]"]),
+    "dearkd w/o hidden alignment": ("dearkd.yaml", ["method.params.hidden_weight=0"]),
+    "dearkd one stage (distil to the end)": ("dearkd.yaml", ["method.params.switch_epoch=EPOCHS"]),
+    "dearkd switch at 1/2": ("dearkd.yaml", ["method.params.switch_epoch=HALF"]),
+    "dearkd switch at 2/3": ("dearkd.yaml", ["method.params.switch_epoch=TWO_THIRDS"]),
+}
+PROFILES = {
+    "quick": {"fractions": [0.1, 0.5], "seeds": [0], "budget": 24000, "methods": ["none (ViT alone)", "deit (hard dist token)", "dearkd"],
+              "ablations": []},
+    "full": {"fractions": [0.1, 0.25, 0.5, 1.0], "seeds": [0, 1], "budget": 360000, "methods": list(METHODS),
+             "ablations": list(ABLATIONS)},
+}
+
+
+def overrides_for(fraction: float, budget: int, extra: list[str]) -> list[str]:
+    epochs = max(1, round(budget / (fraction * FMNIST_TRAIN)))
+    subs = {"EPOCHS": str(epochs), "HALF": str(epochs // 2), "TWO_THIRDS": str(round(2 * epochs / 3))}
+    extra = [e.split("=")[0] + "=" + subs.get(e.split("=")[1], e.split("=")[1]) for e in extra]
+    return [f"data.fraction={fraction}", f"train.epochs={epochs}", f"train.warmup_epochs={epochs * 0.05:.3f}",
+            f"train.eval_every={epochs}", *extra]
+
+
+def build_runs(profile: dict) -> list[Run]:
+    runs = []
+    for seed in profile["seeds"]:
+        for name in profile["methods"]:
+            config, extra = METHODS[name]
+            for f in profile["fractions"]:
+                runs.append(Run(name, f"{f:.0%}", seed, str(CONFIGS / config), overrides_for(f, profile["budget"], extra)))
+        f = min(profile["fractions"])
+        for name in profile["ablations"]:
+            config, extra = ABLATIONS[name]
+            runs.append(Run(name, f"{f:.0%}", seed, str(CONFIGS / config), overrides_for(f, profile["budget"], extra)))
+    return runs
+
+
+def plot(table, methods, columns, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [float(c.rstrip("%")) for c in columns]
+    for m in methods:
+        stats = [mean_std(table[(m, c)]) for c in columns]
+        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=m)
+    ax.set_xlabel("training data used (% of Fashion-MNIST train)")
+    ax.set_ylabel("top-1 on the 10k test set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=list(PROFILES), default="quick")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
+    p.add_argument("--budget", type=int, help="training images seen per run (overrides the profile)")
+    args = p.parse_args()
+    profile = dict(PROFILES[args.profile])
+    if args.budget:
+        profile["budget"] = args.budget
+    out = REPO / "runs" / "bench" / "dearkd" / args.profile
+    start = time.perf_counter()
+    runs = build_runs(profile)
+    results = run_all(runs, out, args.jobs)
+    table = aggregate(runs, results)
+    columns = [f"{f:.0%}" for f in profile["fractions"]]
+    groups = profile["methods"] + profile["ablations"]
+    figure = REPO / "benchmarks" / f"dearkd_data_efficiency_{args.profile}.png"
+    plot(table, profile["methods"], columns, figure)
+    hours = sum(s["wall_time_s"] for s in results.values()) / 3600
+    text = "\n".join([
+        f"## DearKD data efficiency ({args.profile} profile)", "",
+        f"Command: `python benchmarks/dearkd_data_efficiency.py --profile {args.profile}"
+        f"{' --budget ' + str(args.budget) if args.budget else ''} --jobs {args.jobs}`  ",
+        f"Machine: {machine()}  ",
+        f"Budget: {profile['budget']} training images per run (equal optimisation steps at every fraction); "
+        f"seeds {profile['seeds']}; student vitd_tiny_patch4_28(_distilled), teacher weights/resnetd_small_28_fmnist; "
+        f"top-1 after the last epoch on the full 10k test set, mean ± sample std over seeds.  ",
+        f"Training time: {hours:.2f} h summed over runs; wall time of this invocation {(time.perf_counter() - start) / 60:.0f} min.", "",
+        format_table(table, groups, columns, "data"), "",
+        f"![accuracy against data fraction](benchmarks/{figure.name})",
+    ])
+    write_section(f"dearkd-{args.profile}", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Train the Fashion-MNIST teachers from their configs, export the shipped weights, record BENCHMARKS.md.
+
+    python benchmarks/teachers.py --seeds 0 1          # ~12 min per run on 2 CPU cores
+    python benchmarks/teachers.py --seeds 0 --no-export
+
+The seed-0 run's final weights become ``weights/<preset>_fmnist.safetensors``; a test checks that
+the shipped file scores exactly what the table says on the 10k test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, Run, aggregate, machine, mean_std, run_all, run_dir, write_section
+
+TEACHERS = {
+    # name: (config, shipped weights file)
+    "resnetd_small_28": ("configs/fashion_mnist/teacher_resnet.yaml", "weights/resnetd_small_28_fmnist.safetensors"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "teachers")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--no-export", action="store_true", help="do not overwrite the shipped weights")
+    args = p.parse_args()
+
+    start = time.perf_counter()
+    runs = [Run(t, "fashion-mnist", s, TEACHERS[t][0]) for t in args.teachers for s in args.seeds]
+    results = run_all(runs, args.out, args.jobs)
+    table = aggregate(runs, results)
+    lines = ["## Teachers (Fashion-MNIST, full training set, top-1 on the 10k test set)", "",
+             f"Command: `python benchmarks/teachers.py --seeds {' '.join(map(str, args.seeds))}`  ",
+             f"Machine: {machine()}  ", "",
+             "| teacher | config | params | seeds | last top-1 (mean ± std) | per-seed last top-1 | train time per run |",
+             "|---|---|---|---|---|---|---|"]
+    for t in args.teachers:
+        rs = [r for r in runs if r.group == t]
+        m, s = mean_std(table[(t, "fashion-mnist")])
+        per_seed = ", ".join(f"s{r.seed}: {results[r.name]['last_top1']:.2f}" for r in rs)
+        minutes = sum(results[r.name]["wall_time_s"] for r in rs) / len(rs) / 60
+        lines.append(f"| {t} | `{TEACHERS[t][0]}` | {results[rs[0].name]['student_params'] / 1e6:.2f}M | "
+                     f"{len(rs)} | {m:.2f} ± {s:.2f} | {per_seed} | {minutes:.1f} min |")
+        shipped = next((r for r in rs if r.seed == 0), None)
+        if shipped is not None and not args.no_export:
+            weights = REPO / TEACHERS[t][1]
+            subprocess.run([sys.executable, "-m", "vitdistill", "export", str(run_dir(args.out, shipped) / "last.pt"),
+                            str(weights)], check=True, cwd=REPO)
+            shutil.copy(run_dir(args.out, shipped) / "summary.json", weights.with_suffix(".summary.json"))
+            lines.append("")
+            lines.append(f"Shipped: `{TEACHERS[t][1]}` = seed 0, last epoch: **top-1 "
+                         f"{results[shipped.name]['last_top1']:.2f}** (shipped-teacher-top1 {t} "
+                         f"{results[shipped.name]['last_top1']:.2f}).")
+    lines += ["", f"Wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min "
+              "(finished runs are reused, not retrained)."]
+    write_section("teachers", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

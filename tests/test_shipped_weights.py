@@ -1,0 +1,36 @@
+"""The committed teacher weights load and score, on the real test set, what BENCHMARKS.md records."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vitdistill.config import DataConfig
+from vitdistill.data import build_data
+from vitdistill.engine import evaluate
+from vitdistill.engine.distributed import DistInfo
+from vitdistill.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = {"resnetd_small_28": REPO / "weights" / "resnetd_small_28_fmnist.safetensors"}
+
+
+def recorded_top1(name: str) -> float:
+    text = (REPO / "BENCHMARKS.md").read_text()
+    match = re.search(rf"shipped-teacher-top1 {name} ([0-9.]+)", text)
+    assert match, f"BENCHMARKS.md records no accuracy for the shipped {name}"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_teacher_scores_what_benchmarks_md_says(name):
+    model = create_model(name, num_classes=10, in_chans=1, img_size=28, checkpoint=str(SHIPPED[name]))
+    bundle = build_data(DataConfig(), seed=0)
+    assert len(bundle.val) == 10000
+    loader = DataLoader(bundle.val, batch_size=1000)
+    metrics = evaluate(model, loader, torch.device("cpu"), DistInfo())
+    expected = recorded_top1(name)
+    assert metrics["top1"] >= 90.0
+    assert metrics["top1"] == pytest.approx(expected, abs=0.011)  # recorded with 2 decimals; 1 image = 0.01
