@@ -127,3 +127,16 @@ def test_ema_mixup_and_tensorboard_are_logged(tiny_cfg_values, tmp_path):
     assert 0.0 <= float(rows[0]["val_ema_top1"]) <= 100.0
     assert summary["epochs"] == 1
     assert list((tmp_path / "runs" / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_torch_compile_switch_trains_like_eager(tiny_cfg_values, tmp_path):
+    values = tiny_cfg_values
+    values["train"].update(epochs=1, max_steps_per_epoch=4)
+    eager = train(config_from_dict(values), quiet=True)
+    values["run"]["name"] = "compiled"
+    values["train"]["compile"] = True
+    compiled = train(config_from_dict(values), quiet=True)
+    rows = [read_metrics(tmp_path / "runs" / name)[0] for name in ("tiny", "compiled")]
+    assert float(rows[1]["train_ce"]) == pytest.approx(float(rows[0]["train_ce"]), rel=1e-3)
+    assert compiled["last_top1"] == pytest.approx(eager["last_top1"], abs=0.5)

@@ -1,4 +1,4 @@
-"""Command line: ``vitdistill train | eval | export | demo`` (also ``python -m vitdistill``)."""
+"""Command line: ``vitdistill train | eval | export | analyze | demo`` (also ``python -m vitdistill``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from .config import ConfigError, DataConfig, config_from_dict, config_to_dict, l
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from .analysis.report import AnalysisError
     from .data import DataError
     from .engine import CheckpointError, TrainingError
     from .methods import MethodError
     from .models import ModelError, TapError
 
-    return ConfigError, DataError, CheckpointError, TrainingError, MethodError, ModelError, TapError
+    return ConfigError, DataError, CheckpointError, TrainingError, MethodError, ModelError, TapError, AnalysisError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -122,6 +123,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Layer spectra/intensity of the models on a class-balanced test split; report files into --out."""
+    from .analysis.report import analyze_models, load_models
+    from .engine.distributed import resolve_device
+
+    device = str(resolve_device(args.device))
+    models, loaders, datasets = load_models(
+        args.models, _load_for_eval, labels=args.labels, data=args.data, data_root=args.data_root,
+        images=args.images, batch_size=args.batch_size, seed=args.seed, device=device)
+    data_names = ", ".join(sorted(set(datasets.values())))
+    result = analyze_models(
+        models, loaders, args.out, max_images=args.images, spectra_layers=args.spectra_layers,
+        attention=args.attention, pairs=args.pairs, pair_first=args.pair_first, pair_last=args.pair_last,
+        description=f"{args.images} class-balanced images (seed {args.seed}) of the {data_names} test split.",
+        progress=not args.quiet)
+    print(f"wrote {len(result['files'])} files to {args.out}: " + ", ".join(Path(f).name for f in result["files"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitdistill", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fraction", type=float, default=0.1)
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("analyze", help="layer spectra and intensity of models (SpectralKD analysis): CSV, PNG, markdown")
+    a.add_argument("models", nargs="+", metavar="MODEL",
+                   help="training checkpoint (.pt), run folder, exported .safetensors, or name:MODEL (random "
+                        "weights); the first is the reference (teacher)")
+    a.add_argument("--labels", nargs="+", help="one label per model (default: from the file or run name)")
+    a.add_argument("--data", help="dataset name (default: the one each model was trained on)")
+    a.add_argument("--data-root", help="dataset folder")
+    a.add_argument("--images", type=int, default=1000, help="class-balanced test images per model")
+    a.add_argument("--batch-size", type=int, default=250)
+    a.add_argument("--seed", type=int, default=0, help="seed of the image selection")
+    a.add_argument("--out", default="runs/analysis", help="output folder")
+    a.add_argument("--spectra-layers", nargs="+", type=int,
+                   help="layers drawn in <label>_spectra.png (default: first, middle, last; -1 = last)")
+    a.add_argument("--attention", action="store_true", help="also mean attention distance (ViT-style models)")
+    a.add_argument("--pairs", action="store_true",
+                   help="propose SpectralKD layer pairs from the first model (teacher) for the second (student)")
+    a.add_argument("--pair-first", type=int, default=2, help="pairs among the teacher's early layers")
+    a.add_argument("--pair-last", type=int, default=2, help="pairs among the teacher's late layers")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_analyze)
     return p
 
 

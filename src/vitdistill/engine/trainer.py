@@ -206,7 +206,7 @@ class Trainer:
             self._load_state(resume_state)
         else:
             self._apply_stage(self.distiller.stage_for_epoch(0))
-        self.model = self._wrap_ddp()
+        self.model = self._wrap()
 
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,11 +216,16 @@ class Trainer:
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", t.tensorboard and self.info.is_main)
 
     # -- state ----------------------------------------------------------------------------------
-    def _wrap_ddp(self) -> nn.Module:
-        if not self.info.enabled:
-            return self.distiller
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.distiller, device_ids=ids, broadcast_buffers=False)
+    def _wrap(self) -> nn.Module:
+        """The module the loop calls: the distiller, under DDP when distributed, compiled when asked.
+        Rebuilt at a stage change, since the set of trainable parameters changes there."""
+        model: nn.Module = self.distiller
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
 
     def _apply_stage(self, stage: int) -> None:
         """Enter a stage; parameters outside the method's trainable modules leave the optimizer."""
@@ -359,7 +364,7 @@ class Trainer:
                 stage = self.distiller.stage_for_epoch(epoch)
                 if stage != self.distiller.stage:
                     self._apply_stage(stage)
-                    self.model = self._wrap_ddp()
+                    self.model = self._wrap()
                 epoch_start = time.perf_counter()
                 row: dict[str, Any] = {"epoch": epoch + 1, "stage": self.distiller.stage}
                 row.update(self.train_one_epoch(epoch))
