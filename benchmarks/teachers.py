@@ -10,7 +10,7 @@ the shipped file scores exactly what the table says on the 10k test set.
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import subprocess
 import sys
 import time
@@ -38,7 +38,8 @@ def main() -> None:
     results = run_all(runs, args.out, args.jobs)
     table = aggregate(runs, results)
     lines = ["## Teachers (Fashion-MNIST, full training set, top-1 on the 10k test set)", "",
-             f"Command: `python benchmarks/teachers.py --seeds {' '.join(map(str, args.seeds))}`  ",
+             f"Command: `python benchmarks/teachers.py --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}` "
+             f"({args.jobs} run(s) at a time, {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each)  ",
              f"Machine: {machine()}  ", "",
              "| teacher | config | params | seeds | last top-1 (mean ± std) | per-seed last top-1 | train time per run |",
              "|---|---|---|---|---|---|---|"]
@@ -54,7 +55,6 @@ def main() -> None:
             weights = REPO / TEACHERS[t][1]
             subprocess.run([sys.executable, "-m", "vitdistill", "export", str(run_dir(args.out, shipped) / "last.pt"),
                             str(weights)], check=True, cwd=REPO)
-            shutil.copy(run_dir(args.out, shipped) / "summary.json", weights.with_suffix(".summary.json"))
             lines.append("")
             lines.append(f"Shipped: `{TEACHERS[t][1]}` = seed 0, last epoch: **top-1 "
                          f"{results[shipped.name]['last_top1']:.2f}** (shipped-teacher-top1 {t} "
