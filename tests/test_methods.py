@@ -155,3 +155,15 @@ def test_methods_train_one_step_with_named_losses(name, params, student, expecte
     trainable = [p for m in method.trainable_modules() for p in m.parameters()]
     assert all(p.grad is not None for p in trainable if p.requires_grad and p.dim() > 1)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_optimizer_exempts_student_tokens_and_norms_from_weight_decay():
+    import timm.optim
+
+    student, teacher = small_models()
+    method = build_method("deit", {}, student, teacher)
+    opt = timm.optim.create_optimizer_v2(method, opt="adamw", lr=1e-3, weight_decay=0.05)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(student.pos_embed)] == 0.0 and decay_of[id(student.dist_token)] == 0.0
+    assert decay_of[id(student.blocks[0].attn.qkv.weight)] == 0.05
+    assert not {id(p) for p in teacher.parameters()} & set(decay_of)  # the teacher is never optimised

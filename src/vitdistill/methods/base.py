@@ -64,6 +64,12 @@ class Distiller(nn.Module):
         self.stage = stage
 
     # -- helpers ------------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """The student's own exemptions (pos_embed, cls/dist tokens, ...), under this module's names;
+        timm's optimizer factory reads this."""
+        names = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
+        return {f"student.{n}" for n in names}
+
     def forward(self, images: Tensor, targets: Tensor | None = None, epoch: int = 0):
         # DDP only hooks forward(), so training goes through here too.
         if self.training:
