@@ -105,3 +105,33 @@ def test_two_process_torchrun_trains_and_checkpoints_once(tmp_path, tiny_cfg_val
     assert state["epoch"] == 2
     # 600 images / 2 ranks / batch 32 -> 9 steps per epoch on each rank
     assert state["step"] == 18
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_cfg_values):
+    """A real kill (SIGKILL, no cleanup) right after the first checkpoint; --resume finishes the run."""
+    import signal
+    import time
+
+    values = tiny_cfg_values
+    values["train"]["epochs"] = 4
+    config = write_config(tmp_path, values)
+    cli = [sys.executable, "-m", "vitdistill", "train", "--quiet", config]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: identical arithmetic
+    subprocess.run([*cli, "run.name=uninterrupted"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cli, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs" / "tiny" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / "tiny" / "summary.json").exists(), "the run ended before it could be killed"
+    assert 1 <= load_checkpoint(ckpt)["epoch"] < 4
+    subprocess.run([*cli, "--resume"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    a = json.loads((tmp_path / "runs" / "uninterrupted" / "summary.json").read_text())
+    b = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert b["last_top1"] == a["last_top1"] and b["best_top1"] == a["best_top1"]
+    ha = load_checkpoint(tmp_path / "runs" / "uninterrupted" / "last.pt")["history"]
+    hb = load_checkpoint(ckpt)["history"]
+    assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
