@@ -35,6 +35,14 @@ def test_bad_config_gives_one_clear_error(tmp_path, capsys, tiny_cfg_values):
     assert "unknown method.name 'dearkdd'" in one_error_line(capsys)
 
 
+def test_overrides_may_follow_flags(tmp_path, capsys, tiny_cfg_values):
+    # the override after --quiet is applied (and caught by validation), an unknown flag is refused
+    assert main(["train", write_config(tmp_path, tiny_cfg_values), "--quiet", "train.lr=-1"]) == 2
+    assert "train.lr=-1.0 must be positive" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        main(["train", write_config(tmp_path, tiny_cfg_values), "--quiet", "--bogus"])
+
+
 def test_missing_data_gives_one_clear_error(tmp_path, capsys, tiny_cfg_values, monkeypatch):
     from vitdistill.data import datasets
 

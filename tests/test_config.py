@@ -77,3 +77,4 @@ def test_shipped_configs_are_valid():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
