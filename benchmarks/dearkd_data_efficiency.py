@@ -40,6 +40,9 @@ ABLATIONS = {  # at the smallest fraction only
 PROFILES = {
     # a pipeline check with one seed: not evidence for or against a method
     "quick": {"fractions": [0.1, 0.5], "seeds": [0], "budget": 60000, "methods": list(METHODS), "ablations": []},
+    # budget probe: does the ViT alone use 10x more data at this budget (100% clearly above 10%)?
+    "probe": {"fractions": [0.1, 1.0], "seeds": [0], "budget": 300000, "methods": ["none (ViT alone)"],
+              "ablations": []},
     # NOT YET SIZED: 42 runs x 360k images at ~300 images/s is ~14 CPU-hours, over the ~4 h target
     "full": {"fractions": [0.1, 0.25, 0.5, 1.0], "seeds": [0, 1], "budget": 360000, "methods": list(METHODS),
              "ablations": list(ABLATIONS)},
