@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitdistill.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
@@ -113,4 +115,4 @@ def write_section(marker: str, text: str, path: Path = BENCHMARKS_MD) -> None:
         body = before + block + rest.split(end, 1)[1]
     else:
         body = body.rstrip() + "\n\n" + block + "\n"
-    path.write_text(body)
+    atomic_write_text(path, body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..io import atomic_open
 from .spectrum import normalized_depth
 
 __all__ = ["plot_attention_distance", "plot_intensity", "plot_spectra"]
@@ -30,19 +30,10 @@ def _new_figure(figsize: tuple[float, float] = (6.0, 4.0)) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to a temp file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``fig`` as PNG, atomically."""
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
+    return Path(path)
 
 
 def _check_curves(curves: Mapping, what: str) -> None:

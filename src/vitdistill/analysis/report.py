@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import yaml
 from torch import nn
 
+from ..io import atomic_write_text
 from ..models import num_tappable_layers
 from .model_analysis import analyze_layers, attention_distances, balanced_loader
 from .plots import plot_attention_distance, plot_intensity, plot_spectra
@@ -43,21 +43,6 @@ class AnalysisError(ValueError):
 # ----------------------------------------------------------------------------- files
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then move it into place (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def safe_label(label: str) -> str:
     """``label`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_`` (for file names)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(label)).strip(".") or "model"
@@ -74,7 +59,7 @@ def write_layers_csv(path: Path, stats: Mapping[int, Mapping[str, Any]]) -> Path
         spec = [f"{v:.8g}" for v in s["spectrum"].tolist()]
         w.writerow([layer, f"{s['depth']:.6g}", f"{s['intensity']:.8g}", s["n_images"], len(spec)]
                    + spec + [""] * (width - len(spec)))
-    return _write_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def pairs_snippet(pairs: Sequence[tuple[int, int]]) -> str:
@@ -210,7 +195,7 @@ def analyze_models(
                                 f"first={pair_first}, last={pair_last}: {e}") from None
         snippet = pairs_snippet(chosen_pairs)
         header = f"# SpectralKD layer pairs: teacher '{reference}' -> student '{student}' (from the teacher's intensity)\n"
-        written.append(_write_text(out / "pairs.yaml", header + snippet))
+        written.append(atomic_write_text(out / "pairs.yaml", header + snippet))
         if verbose:
             print(header + snippet, end="")
 
@@ -219,7 +204,7 @@ def analyze_models(
     summary = out / "summary.md"
     written.append(summary)
     result["files"] = [str(p) for p in written]
-    _write_text(summary, _summary_markdown(result, description, pair_first, pair_last))
+    atomic_write_text(summary, _summary_markdown(result, description, pair_first, pair_last))
     if verbose:
         for note in notes:
             print(f"note: {note}")

@@ -11,7 +11,6 @@ import difflib
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -22,8 +21,9 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from ..io import atomic_open
 from . import presets  # noqa: F401  (registers the vitdistill presets with timm)
 
 __all__ = [
@@ -258,11 +258,7 @@ def save_weights(
     path: str | os.PathLike[str],
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a model's state_dict (or a state_dict) to ``path`` as safetensors, atomically.
-
-    The file is written to a temporary name in the same folder and moved into place with
-    ``os.replace``, so a crash never leaves a half-written file under ``path``.
-    """
+    """Write a model's state_dict (or a state_dict) to ``path`` as safetensors, atomically."""
     if metadata is not None:
         bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
         if bad:
@@ -270,17 +266,9 @@ def save_weights(
     state = model.state_dict() if isinstance(model, nn.Module) else model
     # independent contiguous CPU copies: safetensors refuses tensors that share memory
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path) as f:
+        f.write(safetensors_bytes(tensors, metadata=metadata))
+    return Path(path)
 
 
 def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
