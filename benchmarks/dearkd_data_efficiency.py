@@ -122,6 +122,9 @@ def main() -> None:
         *(["The quick profile is a pipeline check: one seed, and a budget at which the number of steps, not "
            "the data, limits the ViT (the 10% and 50% columns barely differ). It is not evidence for the "
            "paper's claims; the full profile is.", ""] if args.profile == "quick" else []),
+        *(["The probe profile asks only whether, at this budget, the ViT alone gains from 10x more data "
+           "(the full profile needs a budget where it clearly does). One seed.", ""]
+          if args.profile == "probe" else []),
         f"![accuracy against data fraction](benchmarks/{figure.name})",
     ])
     write_section(f"dearkd-{args.profile}", text)
