@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .io import atomic_write_text
+
 #: the source checkout (for an editable install): configs/ and weights/ paths also resolve against it
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -255,7 +257,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _check(ok: bool, message: str) -> None:

@@ -36,6 +36,7 @@ from ..config import (
     save_config,
 )
 from ..data import build_data
+from ..io import atomic_write_text
 from ..methods import Distiller, build_method
 from ..models import ModelError, count_params, create_model, save_weights
 from ..models import load_checkpoint as load_model_weights
@@ -212,7 +213,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             if self.data.train_indices is not None:
-                (self.run_dir / "subset_indices.json").write_text(json.dumps(self.data.train_indices))
+                atomic_write_text(self.run_dir / "subset_indices.json", json.dumps(self.data.train_indices))
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", t.tensorboard and self.info.is_main)
 
     # -- state ----------------------------------------------------------------------------------
