@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_eval(path: Path, device: str) -> tuple[Any, dict[str, Any], Any]:
+def load_trained_model(path: Path, device: str) -> tuple[Any, dict[str, Any], Any]:
     """Rebuild the student from a training checkpoint (.pt) or an exported .safetensors file.
 
     Returns the model, the data section to evaluate on, and the training config (None for .safetensors).
@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.distributed import DistInfo, resolve_device
 
     device = resolve_device(args.device)
-    model, data_values, _ = _load_for_eval(Path(args.checkpoint), str(device))
+    model, data_values, _ = load_trained_model(Path(args.checkpoint), str(device))
     if args.data:
         data_values["name"] = args.data
     if args.data_root:
@@ -103,7 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .engine.trainer import model_metadata
     from .models import save_weights
 
-    model, _, ckpt = _load_for_eval(Path(args.checkpoint), "cpu")
+    model, _, ckpt = load_trained_model(Path(args.checkpoint), "cpu")
     if ckpt is None:
         raise ConfigError(f"export needs a training checkpoint (.pt), got '{args.checkpoint}'")
     cfg = config_from_dict(ckpt["config"])
@@ -130,7 +130,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     models, loaders, datasets = load_models(
-        args.models, _load_for_eval, labels=args.labels, data=args.data, data_root=args.data_root,
+        args.models, load_trained_model, labels=args.labels, data=args.data, data_root=args.data_root,
         images=args.images, batch_size=args.batch_size, seed=args.seed, device=device)
     data_names = ", ".join(sorted(set(datasets.values())))
     result = analyze_models(
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
     x.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="train a CNN teacher and the ViT student on a Fashion-MNIST subset")
+    d = sub.add_parser("demo", help="on a Fashion-MNIST subset: CNN teacher, ViT alone, DeiT and DearKD, then a table")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--fraction", type=float, default=0.1)
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")

@@ -1,0 +1,109 @@
+"""SpectralKD on Fashion-MNIST (METHODS.md section 2, issue: SpectralKD): ViT student, CaiT teacher.
+
+Rows, all at equal data and epochs: no KD / soft KD only (fft_weight 0) / SpectralKD with the paper's
+style of pairs (first and last blocks) / SpectralKD with ``auto`` pairs / spatial feature MSE at the
+paper-style pairs (control: same pairs, no Fourier transform) / SpectralKD with every student block
+paired at relative depth. >= 3 seeds, top-1 after the last epoch on the full 10k test set.
+
+Then the distillation-dynamics view (METHODS.md 2.4): the teacher, the no-KD student and the
+SpectralKD student (seed 0) are analysed on the same 1000 class-balanced test images; their
+intensity-vs-depth curves share one figure and each student's closeness to the teacher is recorded.
+
+    python benchmarks/spectralkd_comparison.py --profile quick   # pipeline check, 1 seed
+    python benchmarks/spectralkd_comparison.py --profile full    # the table for BENCHMARKS.md
+
+Runs land in runs/bench/spectralkd/<profile>/; re-running resumes or skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import REPO, Run, aggregate, format_table, machine, mean_std, run_all, run_dir, write_section
+
+CONFIGS = REPO / "configs" / "fashion_mnist"
+TEACHER = "weights/caitd_small_patch4_28_fmnist.safetensors"
+# student blocks 0-5 at relative depth in the teacher's 8 blocks: round(i * 7 / 5)
+ALL_LAYERS = ["method.params.student_layers=[0,1,2,3,4,5]", "method.params.teacher_layers=[0,1,3,4,6,7]"]
+METHODS = {  # row name: (config, extra overrides)
+    "no KD (ViT alone)": ("student_vit.yaml", []),
+    "soft KD only": ("spectralkd.yaml", ["method.params.fft_weight=0"]),
+    "SpectralKD, paper-style pairs": ("spectralkd.yaml", []),
+    "SpectralKD, auto pairs": ("spectralkd_auto.yaml", []),
+    "spatial MSE, same pairs (control)": ("spectralkd.yaml", ["method.params.feature_loss=spatial"]),
+    "SpectralKD, all layers": ("spectralkd.yaml", ALL_LAYERS),
+}
+DYNAMICS = {"teacher (CaiT)": None, "student, no KD": "no KD (ViT alone)",
+            "student, SpectralKD": "SpectralKD, paper-style pairs"}
+PROFILES = {
+    "quick": {"seeds": [0], "fraction": 0.1, "epochs": 2, "batch_size": 64},
+    "full": {"seeds": [0, 1, 2], "fraction": 0.25, "epochs": 5, "batch_size": 64},
+}
+
+
+def build_runs(profile: dict) -> list[Run]:
+    common = [f"data.fraction={profile['fraction']}", f"data.batch_size={profile['batch_size']}",
+              f"train.epochs={profile['epochs']}", f"train.warmup_epochs={profile['epochs'] * 0.1:.2f}",
+              f"train.eval_every={profile['epochs']}", f"teacher.checkpoint={TEACHER}"]
+    return [Run(name, "top-1", seed, str(CONFIGS / config), common + extra)
+            for seed in profile["seeds"] for name, (config, extra) in METHODS.items()]
+
+
+def dynamics(runs: list[Run], out_dir, figure_dir) -> dict:
+    """Intensity curves of the teacher and two seed-0 students on one figure, with closeness numbers."""
+    from vitdistill.analysis import analyze_models, load_models
+    from vitdistill.cli import load_trained_model
+
+    by_group = {r.group: r for r in runs if r.seed == 0}
+    specs = [str(REPO / TEACHER)] + [str(run_dir(out_dir, by_group[g]) / "last.pt") for g in list(DYNAMICS)[1:]]
+    models, loaders, _ = load_models(specs, load_trained_model, labels=list(DYNAMICS))
+    return analyze_models(models, loaders, figure_dir, description="SpectralKD distillation dynamics "
+                          "(Fashion-MNIST test split, 1000 class-balanced images)", progress=False, verbose=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=list(PROFILES), default="quick")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
+    args = p.parse_args()
+    profile = PROFILES[args.profile]
+    if not (REPO / TEACHER).is_file():
+        raise SystemExit(f"{TEACHER} is missing: train it first (python benchmarks/teachers.py --teachers "
+                         f"caitd_small_patch4_28 --seeds 0)")
+    out = REPO / "runs" / "bench" / "spectralkd" / args.profile
+    start = time.perf_counter()
+    runs = build_runs(profile)
+    results = run_all(runs, out, args.jobs)
+    table = aggregate(runs, results)
+    figure_dir = REPO / "benchmarks" / f"spectralkd_dynamics_{args.profile}"
+    report = dynamics(runs, out, figure_dir)
+    hours = sum(s["wall_time_s"] for s in results.values()) / 3600
+    soft, spectral = mean_std(table[("soft KD only", "top-1")]), mean_std(table[("SpectralKD, paper-style pairs", "top-1")])
+    closeness = ["| student | Pearson r with the teacher's curve | mean abs. difference |", "|---|---|---|"]
+    for label in list(DYNAMICS)[1:]:
+        c = report["closeness"][label]
+        closeness.append(f"| {label} | {c['pearson']:.3f} | {c['mad']:.3f} |")
+    text = "\n".join([
+        f"## SpectralKD comparison ({args.profile} profile)", "",
+        f"Command: `python benchmarks/spectralkd_comparison.py --profile {args.profile} --jobs {args.jobs}`  ",
+        f"Machine: {machine()}  ",
+        f"Setting: student vitd_tiny_patch4_28, teacher `{TEACHER}`; {profile['fraction']:.0%} of the "
+        f"training set (class-balanced), {profile['epochs']} epochs at batch {profile['batch_size']} for every "
+        f"row; seeds {profile['seeds']}; top-1 after the last epoch on the full 10k test set, mean ± sample std.  ",
+        f"Training time: {hours:.2f} h summed over runs; wall time of this invocation "
+        f"{(time.perf_counter() - start) / 60:.0f} min (finished runs are reused, not retrained).", "",
+        format_table(table, list(METHODS), ["top-1"], "test"), "",
+        f"SpectralKD (paper-style pairs) minus soft KD only: {spectral[0] - soft[0]:+.2f} points "
+        f"(seed spread: ± {spectral[1]:.2f} and ± {soft[1]:.2f}).", "",
+        "Distillation dynamics: intensity against normalised depth, seed-0 students against the teacher "
+        "(curves min-max normalised; higher r / lower difference = closer to the teacher).", "",
+        *closeness, "",
+        f"![intensity against depth](benchmarks/{figure_dir.name}/intensity.png)",
+    ])
+    write_section(f"spectralkd-{args.profile}", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
