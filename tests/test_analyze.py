@@ -66,6 +66,38 @@ def test_one_spectrum_and_intensity_per_layer(kind):
     assert [s["depth"] for s in stats.values()] == pytest.approx(np.linspace(0, 1, n).tolist())
 
 
+def test_swin_per_block_analysis_reads_every_block_inside_the_stages():
+    model = tiny("swin")
+    model.layers[1].blocks.append(type(model.layers[1].blocks[0])(  # a stage with two blocks
+        dim=32, input_resolution=model.layers[1].blocks[0].input_resolution, num_heads=2, window_size=4,
+        shift_size=2))
+    stats = analyze_layers(model, loader(32), max_images=20, progress=False, per_block=True)
+    paths = ["layers.0.blocks.0", "layers.1.blocks.0", "layers.1.blocks.1", "layers.2.blocks.0"]
+    assert [s["module"] for s in stats.values()] == paths
+    assert [s["depth"] for s in stats.values()] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    # reference: forward hooks on the blocks, NHWC outputs permuted to NCHW
+    outputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[p].register_forward_hook(lambda m, i, o, p=p: outputs.setdefault(p, o)) for p in paths]
+    images = torch.cat([x for x, _ in loader(32)])[:20]
+    with torch.no_grad():
+        model.eval()(images)
+    for h in handles:
+        h.remove()
+    for i, path in enumerate(paths):
+        ref = channel_spectrum(outputs[path].permute(0, 3, 1, 2)).double()
+        assert torch.allclose(stats[i]["spectrum"], ref, rtol=1e-5, atol=1e-8)
+    # the stage view (integer indices) is the last block of each stage
+    stages = analyze_layers(model, loader(32), max_images=20, progress=False)
+    assert [s["module"] for s in stages.values()] == ["layers.0", "layers.1", "layers.2"]
+    assert stages[1]["intensity"] == pytest.approx(stats[2]["intensity"], rel=1e-6)
+
+
+def test_per_block_needs_transformer_blocks():
+    with pytest.raises(ValueError, match="ResNet has no transformer blocks"):
+        analyze_layers(tiny("resnet"), loader(28), max_images=4, progress=False, per_block=True)
+
+
 def test_balanced_selection_is_seeded_and_balanced():
     targets = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
     a, b = balanced_indices(targets, 30, seed=4), balanced_indices(targets, 30, seed=4)
@@ -160,3 +192,15 @@ def test_cli_analyze_with_random_weight_models(tmp_path, capsys):
     assert rc == 2 and "valid indices are 0..5" in capsys.readouterr().err
     rc = main(["analyze", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert rc == 2 and "neither a file, a run folder" in capsys.readouterr().err
+
+
+def test_cli_analyze_per_block_swin(tmp_path, capsys):
+    out = tmp_path / "swin"
+    rc = main(["analyze", "name:swind_tiny_28", "--per-block", "--images", "20", "--out", str(out), "--quiet"])
+    assert rc == 0
+    rows = read_rows(out / "swind_tiny_28_layers.csv")
+    assert [r["module"] for r in rows] == [f"layers.{i}.blocks.{j}" for i in range(3) for j in range(2)]
+    assert "| 5 | layers.2.blocks.1 |" in (out / "summary.md").read_text()
+    rc = main(["analyze", "name:swind_tiny_28", "name:vitd_tiny_patch4_28", "--per-block", "--pairs",
+               "--images", "4", "--out", str(out)])
+    assert rc == 2 and "analyse without per-block" in capsys.readouterr().err

@@ -136,6 +136,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze_models(
         models, loaders, args.out, max_images=args.images, spectra_layers=args.spectra_layers,
         attention=args.attention, pairs=args.pairs, pair_first=args.pair_first, pair_last=args.pair_last,
+        per_block=args.per_block,
         description=f"{args.images} class-balanced images (seed {args.seed}) of the {data_names} test split.",
         progress=not args.quiet)
     print(f"wrote {len(result['files'])} files to {args.out}: " + ", ".join(Path(f).name for f in result["files"]))
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="propose SpectralKD layer pairs from the first model (teacher) for the second (student)")
     a.add_argument("--pair-first", type=int, default=2, help="pairs among the teacher's early layers")
     a.add_argument("--pair-last", type=int, default=2, help="pairs among the teacher's late layers")
+    a.add_argument("--per-block", action="store_true",
+                   help="every transformer block is a layer (Swin: blocks inside the stages, not stage outputs)")
     a.add_argument("--device", default="auto")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_analyze)

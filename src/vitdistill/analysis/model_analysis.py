@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..models import LayerTap, num_tappable_layers
+from ..models.taps import layer_module_name
 from ..models.mhca import MHCAttention, attention_probs
 from .spectrum import SpectrumAccumulator, average_attention_distance, normalized_depth
 
-__all__ = ["analyze_layers", "attention_distances", "balanced_indices", "balanced_loader", "dataset_targets",
-           "layer_table"]
+__all__ = ["analyze_layers", "attention_distances", "balanced_indices", "balanced_loader", "block_paths",
+           "dataset_targets", "layer_table"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -116,6 +117,20 @@ class _EvalMode:
 # ----------------------------------------------------------------------------- spectra
 
 
+def block_paths(model: nn.Module) -> list[str]:
+    """Module paths of every transformer block in depth order: ``layers.i.blocks.j`` for Swin (the blocks
+    inside its stages), ``blocks.i`` for ViT/DeiT/CaiT. For a ViT these are the same layers as the
+    integer indices; for Swin they are finer than the stage outputs the indices give."""
+    stages = getattr(model, "layers", None)
+    if isinstance(stages, nn.Sequential | nn.ModuleList) and all(hasattr(s, "blocks") for s in stages):
+        return [f"layers.{i}.blocks.{j}" for i, stage in enumerate(stages) for j in range(len(stage.blocks))]
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) > 0:
+        return [f"blocks.{i}" for i in range(len(blocks))]
+    raise ValueError(f"{type(model).__name__} has no transformer blocks (no 'blocks' or Swin-style "
+                     f"'layers.i.blocks'); analyse its layers by index instead")
+
+
 def analyze_layers(
     model: nn.Module,
     loader: Iterable,
@@ -123,22 +138,33 @@ def analyze_layers(
     layers: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    per_block: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """Channel spectrum, intensity and spatial energy of each layer over up to ``max_images`` images.
 
     ``layers``: ``LayerTap`` indices (negative ones count from the end); default every tappable layer.
-    Returns ``{layer (absolute index): {"spectrum", "intensity", "spatial_energy", "n_images", "depth"}}``
-    in layer order, ``depth`` being the relative depth in [0, 1] among all the model's layers.
+    ``per_block``: the layers are the model's transformer blocks instead (:func:`block_paths`; for Swin
+    every block inside the stages), indexed by position in that list.
+    Returns ``{layer (absolute index): {"spectrum", "intensity", "spatial_energy", "n_images", "depth",
+    "module"}}`` in layer order, ``depth`` being the relative depth in [0, 1] among all the layers.
     ``device``: where the images go (default: the model's device; the model is not moved). Runs in
     eval mode under ``torch.inference_mode()``, with a tqdm bar when ``progress`` and stderr is a terminal.
     """
-    n_layers = num_tappable_layers(model)
-    if n_layers == 0:
-        raise ValueError(f"{type(model).__name__} has no indexable layers (no feature_info); cannot analyse it")
+    if per_block:
+        paths = block_paths(model)
+    else:
+        n = num_tappable_layers(model)
+        if n == 0:
+            raise ValueError(f"{type(model).__name__} has no indexable layers (no feature_info); cannot analyse it")
+        paths = [layer_module_name(model, i) for i in range(n)]
+    n_layers = len(paths)
     wanted = list(range(n_layers)) if layers is None else list(layers)
-    LayerTap(model, wanted)  # validates the indices (TapError names the valid range)
+    for i in wanted:
+        if isinstance(i, bool) or not isinstance(i, int) or not -n_layers <= i < n_layers:
+            raise ValueError(f"layer {i!r} is out of range for {type(model).__name__}: valid indices are "
+                             f"0..{n_layers - 1} (or -{n_layers}..-1 from the end)")
     absolute = sorted({i % n_layers for i in wanted})
-    tap = LayerTap(model, absolute)
+    tap = LayerTap(model, [paths[i] for i in absolute] if per_block else absolute)
     device = torch.device(device) if device is not None else _model_device(model)
     acc = SpectrumAccumulator(max_images)
     bar = _progress_bar(_loader_size(loader, max_images), f"analysing {type(model).__name__}", progress)
@@ -152,6 +178,8 @@ def analyze_layers(
                         break
                     images = images[:left]
                 _, maps = tap(images.to(device), need_logits=False)
+                if per_block:
+                    maps = {i: maps[paths[i]] for i in absolute}
                 acc.update(maps)
                 if bar is not None:
                     bar.update(len(images))
@@ -162,7 +190,7 @@ def analyze_layers(
     if not result:
         raise ValueError("the loader gave no images to analyse")
     depth = normalized_depth(n_layers)
-    return {int(layer): {**result[layer], "depth": depth[int(layer)]} for layer in absolute}
+    return {int(layer): {**result[layer], "depth": depth[int(layer)], "module": paths[layer]} for layer in absolute}
 
 
 # ----------------------------------------------------------------------------- attention distance

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..io import atomic_write_text
 from ..models import num_tappable_layers
-from .model_analysis import analyze_layers, attention_distances, balanced_loader
+from .model_analysis import analyze_layers, attention_distances, balanced_loader, block_paths
 from .plots import plot_attention_distance, plot_intensity, plot_spectra
 from .spectrum import curve_closeness, select_layer_pairs
 
@@ -49,15 +49,15 @@ def safe_label(label: str) -> str:
 
 
 def write_layers_csv(path: Path, stats: Mapping[int, Mapping[str, Any]]) -> Path:
-    """One row per layer: layer, depth, intensity, n_images, channels, then ``s_0 .. s_{C-1}`` (the channel
+    """One row per layer: layer, module, depth, intensity, n_images, channels, then ``s_0 .. s_{C-1}`` (the channel
     spectrum; cells past a layer's own channel count stay empty when layers differ in width)."""
     width = max(int(s["spectrum"].numel()) for s in stats.values())
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["layer", "depth", "intensity", "n_images", "channels"] + [f"s_{k}" for k in range(width)])
+    w.writerow(["layer", "module", "depth", "intensity", "n_images", "channels"] + [f"s_{k}" for k in range(width)])
     for layer, s in stats.items():
         spec = [f"{v:.8g}" for v in s["spectrum"].tolist()]
-        w.writerow([layer, f"{s['depth']:.6g}", f"{s['intensity']:.8g}", s["n_images"], len(spec)]
+        w.writerow([layer, s.get("module", ""), f"{s['depth']:.6g}", f"{s['intensity']:.8g}", s["n_images"], len(spec)]
                    + spec + [""] * (width - len(spec)))
     return atomic_write_text(path, buf.getvalue())
 
@@ -110,6 +110,7 @@ def analyze_models(
     description: str = "",
     progress: bool = True,
     verbose: bool = True,
+    per_block: bool = False,
 ) -> dict[str, Any]:
     """Analyse every model's layers on the same images and write the report into ``out_dir``.
 
@@ -129,6 +130,9 @@ def analyze_models(
     if clash:
         raise AnalysisError(f"labels {[lb for lb in models if files[lb] in clash]} give the same file name "
                             f"{clash[0]!r}; pass distinct labels")
+    if pairs and per_block:
+        raise AnalysisError("pairs are proposed as layer indices (what spectralkd's student_layers/teacher_layers "
+                            "take); analyse without per-block to get them")
     if pairs and len(models) < 2:
         raise AnalysisError("pairs need two models: the teacher first, then the student")
     out = Path(out_dir)
@@ -141,11 +145,14 @@ def analyze_models(
 
     for label, model in models.items():
         data = _loader_for(loader, label)
-        n_layers = num_tappable_layers(model)
+        try:
+            n_layers = len(block_paths(model)) if per_block else num_tappable_layers(model)
+        except ValueError as e:
+            raise AnalysisError(f"model '{label}': {e}") from None
         if n_layers == 0:
             raise AnalysisError(f"model '{label}' ({type(model).__name__}) has no indexable layers to analyse")
         chosen = _spectra_layers(label, n_layers, spectra_layers)
-        stats = analyze_layers(model, data, max_images=max_images, progress=progress)
+        stats = analyze_layers(model, data, max_images=max_images, progress=progress, per_block=per_block)
         written.append(write_layers_csv(out / f"{files[label]}_layers.csv", stats))
         spectra = {f"layer {i} (depth {stats[i]['depth']:.2f})": stats[i]["spectrum"] for i in chosen}
         written.append(plot_spectra(spectra, out / f"{files[label]}_spectra.png", title=f"Channel spectra: {label}"))
@@ -235,8 +242,9 @@ def _summary_markdown(result: dict[str, Any], description: str, pair_first: Any,
         if m["attention_distance"] is not None:
             per_layer = ", ".join(f"{v:.2f}" for v in np.asarray(m["attention_distance"]).mean(axis=1))
             lines += [f"Mean attention distance per layer (patches, mean over heads): {per_layer}.", ""]
-        lines += ["| layer | depth | intensity |", "|---:|---:|---:|"]
-        lines += [f"| {i} | {s['depth']:.3f} | {s['intensity']:.6g} |" for i, s in m["layers"].items()]
+        lines += ["| layer | module | depth | intensity |", "|---:|---|---:|---:|"]
+        lines += [f"| {i} | {s.get('module', '')} | {s['depth']:.3f} | {s['intensity']:.6g} |"
+                  for i, s in m["layers"].items()]
         lines.append("")
     if len(result["models"]) > 1:
         lines += [f"## Closeness of the intensity curves to '{ref}'", "", "| model | pearson | MAD |", "|---|---:|---:|"]

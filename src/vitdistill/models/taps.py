@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["TapError", "LayerTap", "num_tappable_layers", "tokens_to_map"]
+__all__ = ["TapError", "LayerTap", "layer_module_name", "num_tappable_layers", "tokens_to_map"]
 
 Logits = Tensor | tuple[Tensor, ...]
 
@@ -77,7 +77,8 @@ def tokens_to_map(tokens: Tensor, num_prefix_tokens: int = 0, grid: tuple[int, i
     return tokens[:, num_prefix_tokens:].transpose(1, 2).reshape(b, c, h, w)
 
 
-def _layer_name(model: nn.Module, index: int) -> str:
+def layer_module_name(model: nn.Module, index: int) -> str:
+    """The module path behind integer layer ``index`` (from ``feature_info``; the index itself if none)."""
     info = model.feature_info[index]
     return str(info.get("module", index)) if isinstance(info, dict) else str(index)
 
@@ -141,7 +142,7 @@ class LayerTap:
         else:
             # hook path: every layer becomes a module path
             self._paths: dict[int | str, str] = {
-                layer: (_layer_name(model, self._index[layer]) if isinstance(layer, int) else layer)
+                layer: (layer_module_name(model, self._index[layer]) if isinstance(layer, int) else layer)
                 for layer in self.layers
             }
             for layer, path in self._paths.items():
