@@ -18,8 +18,7 @@ from timm.layers import Attention
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..models import LayerTap, num_tappable_layers
-from ..models.taps import layer_module_name
+from ..models import LayerTap, layer_module_name, num_tappable_layers
 from ..models.mhca import MHCAttention, attention_probs
 from .spectrum import SpectrumAccumulator, average_attention_distance, normalized_depth
 

@@ -15,7 +15,7 @@ from .build import (
     save_weights,
 )
 from .presets import PRESET_NAMES, SmallStemResNet
-from .taps import LayerTap, TapError, num_tappable_layers, tokens_to_map
+from .taps import LayerTap, TapError, layer_module_name, num_tappable_layers, tokens_to_map
 
 __all__ = [
     "presets",
@@ -30,6 +30,7 @@ __all__ = [
     "count_params",
     "LayerTap",
     "TapError",
+    "layer_module_name",
     "num_tappable_layers",
     "tokens_to_map",
 ]
