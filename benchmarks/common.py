@@ -8,6 +8,7 @@ written into a marked section of BENCHMARKS.md together with the command, machin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -37,6 +38,15 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.group}__{self.column}__s{self.seed}".replace("/", "-").replace(" ", "_")
+
+
+def parse_profile_args(doc: str | None, profiles: dict) -> tuple[str, int]:
+    """``--profile`` and ``--jobs``, the options every benchmark script takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=list(profiles), default="quick")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
+    args = p.parse_args()
+    return args.profile, args.jobs
 
 
 def run_dir(out: Path, run: Run) -> Path:

@@ -21,11 +21,20 @@ Runs land in runs/bench/dearkd/<profile>/; re-running resumes or skips finished 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from common import REPO, Run, aggregate, format_table, machine, mean_std, run_all, write_section
+from common import (
+    REPO,
+    Run,
+    aggregate,
+    format_table,
+    machine,
+    mean_std,
+    parse_profile_args,
+    run_all,
+    write_section,
+)
 
 FMNIST_TRAIN = 60000
 CONFIGS = REPO / "configs" / "fashion_mnist"
@@ -128,47 +137,44 @@ def plot(table, methods, columns, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=list(PROFILES), default="quick")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
-    args = p.parse_args()
-    profile = PROFILES[args.profile]
-    out = REPO / "runs" / "bench" / "dearkd" / args.profile
+    profile_name, jobs = parse_profile_args(__doc__, PROFILES)
+    profile = PROFILES[profile_name]
+    out = REPO / "runs" / "bench" / "dearkd" / profile_name
     start = time.perf_counter()
     runs = build_runs(profile)
-    results = run_all(runs, out, args.jobs)
+    results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
     columns = [f"{f:.0%}" for f in sorted(profile["fractions"])]
     groups = profile["methods"] + profile["ablations"]
-    figure = REPO / "benchmarks" / f"dearkd_data_efficiency_{args.profile}.png"
+    figure = REPO / "benchmarks" / f"dearkd_data_efficiency_{profile_name}.png"
     plot(table, profile["methods"], columns, figure)
     budget = (f"{profile['epochs']} epochs at every fraction (equal epochs)" if "epochs" in profile else
               f"{profile['budget']} training images per run (equal optimisation steps at every fraction)")
     hours = sum(s["wall_time_s"] for s in results.values()) / 3600
     text = "\n".join([
-        f"## DearKD data efficiency ({args.profile} profile)", "",
-        f"Command: `python benchmarks/dearkd_data_efficiency.py --profile {args.profile} --jobs {args.jobs}`  ",
+        f"## DearKD data efficiency ({profile_name} profile)", "",
+        f"Command: `python benchmarks/dearkd_data_efficiency.py --profile {profile_name} --jobs {jobs}`  ",
         f"Machine: {machine()}  ",
         f"Budget: {budget}; batch {profile['batch_size']}; "
         f"seeds {profile['seeds']}; student vitd_tiny_patch4_28(_distilled), teacher weights/resnetd_small_28_fmnist; "
         f"top-1 after the last epoch on the full 10k test set, mean ± sample std over seeds.  ",
         f"Training time: {hours:.2f} h summed over runs; wall time of this invocation {(time.perf_counter() - start) / 60:.0f} min (finished runs are reused, not retrained).", "",
         format_table(table, groups, columns, "data"), "",
-        *(claims(table, columns) if args.profile == "full" else []),
+        *(claims(table, columns) if profile_name == "full" else []),
         *(["Equal epochs, not equal images: at the equal-images budgets this machine affords (sections "
            "dearkd-probe and dearkd-probe32) the ViT alone is limited by its number of steps, and 10% of the "
            "data ends level with or above 100%. At equal epochs a smaller fraction has both less data and "
            "fewer steps, as in the paper's partial-data runs; the 50%-vs-100% claim is then the harder test "
-           "(DearKD gets half the steps of the ViT it is compared with).", ""] if args.profile == "full" else []),
+           "(DearKD gets half the steps of the ViT it is compared with).", ""] if profile_name == "full" else []),
         *(["The quick profile is a pipeline check: one seed, and a budget at which the number of steps, not "
            "the data, limits the ViT (the 10% and 50% columns barely differ). It is not evidence for the "
-           "paper's claims; the full profile is.", ""] if args.profile == "quick" else []),
+           "paper's claims; the full profile is.", ""] if profile_name == "quick" else []),
         *(["The probe profile asks only whether, at this budget, the ViT alone gains from 10x more data "
            "(it does not at 120k or 300k images: see the module docstring). One seed.", ""]
-          if args.profile.startswith("probe") else []),
+          if profile_name.startswith("probe") else []),
         f"![accuracy against data fraction](benchmarks/{figure.name})",
     ])
-    write_section(f"dearkd-{args.profile}", text)
+    write_section(f"dearkd-{profile_name}", text)
     print(text)
 
 

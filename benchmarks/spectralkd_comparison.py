@@ -17,10 +17,20 @@ Runs land in runs/bench/spectralkd/<profile>/; re-running resumes or skips finis
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from common import REPO, Run, aggregate, format_table, machine, mean_std, run_all, run_dir, write_section
+from common import (
+    REPO,
+    Run,
+    aggregate,
+    format_table,
+    machine,
+    mean_std,
+    parse_profile_args,
+    run_all,
+    run_dir,
+    write_section,
+)
 
 CONFIGS = REPO / "configs" / "fashion_mnist"
 TEACHER = "weights/caitd_small_patch4_28_fmnist.safetensors"
@@ -64,20 +74,17 @@ def dynamics(runs: list[Run], out_dir, figure_dir) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=list(PROFILES), default="quick")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
-    args = p.parse_args()
-    profile = PROFILES[args.profile]
+    profile_name, jobs = parse_profile_args(__doc__, PROFILES)
+    profile = PROFILES[profile_name]
     if not (REPO / TEACHER).is_file():
         raise SystemExit(f"{TEACHER} is missing: train it first (python benchmarks/teachers.py --teachers "
                          f"caitd_small_patch4_28 --seeds 0)")
-    out = REPO / "runs" / "bench" / "spectralkd" / args.profile
+    out = REPO / "runs" / "bench" / "spectralkd" / profile_name
     start = time.perf_counter()
     runs = build_runs(profile)
-    results = run_all(runs, out, args.jobs)
+    results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
-    figure_dir = REPO / "benchmarks" / f"spectralkd_dynamics_{args.profile}"
+    figure_dir = REPO / "benchmarks" / f"spectralkd_dynamics_{profile_name}"
     report = dynamics(runs, out, figure_dir)
     hours = sum(s["wall_time_s"] for s in results.values()) / 3600
     soft, spectral = mean_std(table[("soft KD only", "top-1")]), mean_std(table[("SpectralKD, paper-style pairs", "top-1")])
@@ -86,8 +93,8 @@ def main() -> None:
         c = report["closeness"][label]
         closeness.append(f"| {label} | {c['pearson']:.3f} | {c['mad']:.3f} |")
     text = "\n".join([
-        f"## SpectralKD comparison ({args.profile} profile)", "",
-        f"Command: `python benchmarks/spectralkd_comparison.py --profile {args.profile} --jobs {args.jobs}`  ",
+        f"## SpectralKD comparison ({profile_name} profile)", "",
+        f"Command: `python benchmarks/spectralkd_comparison.py --profile {profile_name} --jobs {jobs}`  ",
         f"Machine: {machine()}  ",
         f"Setting: student vitd_tiny_patch4_28, teacher `{TEACHER}`; {profile['fraction']:.0%} of the "
         f"training set (class-balanced), {profile['epochs']} epochs at batch {profile['batch_size']} for every "
@@ -102,7 +109,7 @@ def main() -> None:
         *closeness, "",
         f"![intensity against depth](benchmarks/{figure_dir.name}/intensity.png)",
     ])
-    write_section(f"spectralkd-{args.profile}", text)
+    write_section(f"spectralkd-{profile_name}", text)
     print(text)
 
 
