@@ -12,7 +12,7 @@ def test_quick_demo_trains_every_run_and_distils_from_its_own_teacher(tmp_path):
     results = run_demo(str(out), quick=True, overrides=["data.name=random", "data.eval_batch_size=32"])
     assert [r["label"] for r in results] == [label for label, *_ in DEMO_RUNS]
     assert [r["method"] for r in results] == ["none", "none", "deit", "dearkd"]
-    teacher = out / "teacher_resnet" / "best.safetensors"
+    teacher = out / "teacher_resnet" / "last.safetensors"
     assert teacher.is_file()
     for run in ("deit", "dearkd"):
         cfg = yaml.safe_load((out / run / "config.yaml").read_text())

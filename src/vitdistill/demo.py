@@ -30,7 +30,7 @@ def run_demo(output_dir: str = "runs/demo", fraction: float = 0.1, quick: bool =
     """Train the four runs in order; ``overrides`` (dotted, e.g. ``data.root=...``) apply to each."""
     results = []
     start = time.perf_counter()
-    teacher_weights = Path(output_dir) / TEACHER_RUN / "best.safetensors"
+    teacher_weights = Path(output_dir) / TEACHER_RUN / "last.safetensors"  # not "best": picked on the test set
     for label, config, epochs, uses_teacher in DEMO_RUNS:
         run_overrides = [f"run.output_dir={output_dir}", f"data.fraction={fraction}", f"train.epochs={epochs}",
                          "train.eval_every=5"]
