@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
     x.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="on a Fashion-MNIST subset: CNN teacher, ViT alone, DeiT and DearKD, then a table")
+    d = sub.add_parser("demo", help="on a Fashion-MNIST subset: ViT alone, DeiT, DearKD, SpectralKD; a table and the teacher analysis")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--fraction", type=float, default=0.1)
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
