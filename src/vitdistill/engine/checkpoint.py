@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_open
+from ..models.build import TORCH_LOAD_ERRORS
 
 
 class CheckpointError(ValueError):
@@ -31,7 +30,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except TORCH_LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"'{path}' is not a valid vitdistill checkpoint ({first})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

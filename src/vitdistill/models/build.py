@@ -46,6 +46,11 @@ class ModelError(ValueError):
     """A user-facing model problem; the message names the bad value and what is valid."""
 
 
+#: what ``torch.load(weights_only=True)`` raises on a corrupt or crafted file: random bytes can fail
+#: anywhere inside the restricted unpickler, not only with UnpicklingError
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+                     ImportError, IndexError, KeyError, UnicodeDecodeError, zipfile.BadZipFile, OSError)
+
 def _suggest(name: str, candidates: list[str], n: int = 5) -> str:
     close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
     if not close:
@@ -187,20 +192,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 obj = torch.load(p, map_location="cpu", weights_only=True)
-        except (
-            pickle.UnpicklingError,
-            RuntimeError,
-            EOFError,
-            ValueError,
-            TypeError,
-            AttributeError,
-            ImportError,
-            IndexError,
-            KeyError,
-            UnicodeDecodeError,
-            zipfile.BadZipFile,
-            OSError,
-        ) as e:
+        except TORCH_LOAD_ERRORS as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{invalid} ({type(e).__name__}: {detail})") from None
     if isinstance(obj, Mapping):
