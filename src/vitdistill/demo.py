@@ -18,7 +18,7 @@ from .config import load_config, resolve_path
 from .engine import train
 
 TEACHER_RUN = "teacher_resnet"
-# (label, config, epochs, taught by the CNN trained in the demo): ~15 min in all on 2 CPU cores
+# (label, config, epochs, taught by the CNN trained in the demo): ~17 min in all on 2 CPU cores
 DEMO_RUNS = [
     ("CNN teacher (resnetd_small_28)", "configs/fashion_mnist/teacher_resnet.yaml", 10, False),
     ("ViT alone (vitd_tiny_patch4_28)", "configs/fashion_mnist/student_vit.yaml", 8, False),
