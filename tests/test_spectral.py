@@ -315,6 +315,20 @@ def test_curve_closeness():
         curve_closeness([1.0], a)
 
 
+def test_curve_closeness_log_ratio_measures_scale():
+    t = [0.022, 0.020, 0.021, 0.034]
+    # same shape, 4x the scale: shape numbers say identical, the log ratio says a factor of 4
+    c = curve_closeness(t, [4 * v for v in t])
+    assert c["pearson"] == pytest.approx(1.0) and c["mad"] == pytest.approx(0.0, abs=1e-12)
+    assert c["log_ratio"] == pytest.approx(math.log(4.0))
+    # different lengths: reference computed by hand on the 4-point grid (0, 1/3, 2/3, 1)
+    s = [0.03, 0.02, 0.05]  # at depths 0, 0.5, 1; linear interpolation onto the teacher's 4 depths
+    s_on_grid = [0.03, 0.03 + (0.02 - 0.03) * (1 / 3) / 0.5, 0.02 + (0.05 - 0.02) * (2 / 3 - 0.5) / 0.5, 0.05]
+    expected = sum(abs(math.log(x) - math.log(y)) for x, y in zip(t, s_on_grid)) / 4
+    assert curve_closeness(t, s)["log_ratio"] == pytest.approx(expected)
+    assert math.isnan(curve_closeness(t, [0.0, 0.1, 0.2])["log_ratio"])
+
+
 def test_select_layer_pairs_u_shape_reproduces_official_pairs():
     u = [(i - 11.5) ** 2 for i in range(24)]  # CaiT-S24-like U shape
     pairs = select_layer_pairs(u, student_depth=12, n_first=2, n_last=6)

@@ -61,7 +61,7 @@ def run_demo(output_dir: str = "runs/demo", fraction: float = 0.1, quick: bool =
     print("* the CaiT teacher was trained on all of Fashion-MNIST (weights/); the other teachers on the subset")
     print("\nLayer intensity against depth, closeness to the CaiT teacher's curve (Pearson r, mean abs. difference):")
     for label, c in analysis["closeness"].items():
-        print(f"  {label:24s} r {c['pearson']:+.3f}  MAD {c['mad']:.3f}")
+        print(f"  {label:24s} r {c['pearson']:+.3f}  MAD {c['mad']:.3f}  log ratio {c['log_ratio']:.3f}")
     print(f"run folders (config, metrics.csv, summary.json, checkpoints): {output_dir}/; "
           f"analysis plots: {Path(output_dir) / 'analysis'}/")
     return results

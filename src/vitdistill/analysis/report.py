@@ -238,7 +238,8 @@ def _summary_markdown(result: dict[str, Any], description: str, pair_first: Any,
             c = result["closeness"].get(label)
             if c is not None:
                 lines += [f"Intensity curve vs '{ref}': pearson {_fmt(c['pearson'])}, mean absolute difference "
-                          f"{_fmt(c['mad'])} ({c['n_points']} points, min-max normalised).", ""]
+                          f"{_fmt(c['mad'])} ({c['n_points']} points, min-max normalised); mean |log ratio| "
+                          f"{_fmt(c['log_ratio'])} (raw intensities).", ""]
         if m["attention_distance"] is not None:
             per_layer = ", ".join(f"{v:.2f}" for v in np.asarray(m["attention_distance"]).mean(axis=1))
             lines += [f"Mean attention distance per layer (patches, mean over heads): {per_layer}.", ""]
@@ -247,10 +248,13 @@ def _summary_markdown(result: dict[str, Any], description: str, pair_first: Any,
                   for i, s in m["layers"].items()]
         lines.append("")
     if len(result["models"]) > 1:
-        lines += [f"## Closeness of the intensity curves to '{ref}'", "", "| model | pearson | MAD |", "|---|---:|---:|"]
+        lines += [f"## Closeness of the intensity curves to '{ref}'", "", "| model | pearson | MAD | log ratio |",
+                  "|---|---:|---:|---:|"]
         for label, c in result["closeness"].items():
-            lines.append(f"| {label} | {_fmt(c and c['pearson'])} | {_fmt(c and c['mad'])} |")
-        lines += ["", "Higher pearson and lower MAD = closer in shape to the reference.", ""]
+            lines.append(f"| {label} | {_fmt(c and c['pearson'])} | {_fmt(c and c['mad'])} | "
+                         f"{_fmt(c and c['log_ratio'])} |")
+        lines += ["", "Higher pearson and lower MAD = closer in shape (min-max normalised curves); lower log ratio "
+                  "(mean |ln a - ln b| of the raw intensities) = closer in scale.", ""]
     if result["pairs_snippet"]:
         student = list(result["models"])[1]
         lines += ["## Proposed layer pairs", "",

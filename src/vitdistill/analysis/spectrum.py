@@ -154,12 +154,15 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 
 def curve_closeness(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """How alike two intensity-vs-depth curves are in shape.
+    """How alike two intensity-vs-depth curves are, in shape and in scale.
 
-    Each curve is min-max normalised to [0, 1] (a constant curve becomes all zeros), then both are
-    resampled by linear interpolation onto ``normalized_depth(max(len(a), len(b)))``. Returns
-    ``{"pearson": r, "mad": mean |a - b|, "n_points": n}``; ``pearson`` is NaN when either resampled
-    curve is constant. Higher r / lower MAD = closer (e.g. distilled student vs teacher).
+    Both curves are resampled by linear interpolation onto ``normalized_depth(max(len(a), len(b)))``.
+    Shape: each curve is min-max normalised to [0, 1] first (a constant curve becomes all zeros);
+    ``pearson`` is their correlation (NaN when either is constant) and ``mad`` their mean absolute
+    difference. Scale: ``log_ratio`` is the mean ``|ln a - ln b|`` of the raw curves, so
+    ``exp(log_ratio)`` is the typical factor between the two intensities (NaN unless all values > 0).
+    Shape alone can mislead: a nearly flat curve has a noisy min-max shape even when it lies on the
+    other curve. Higher r / lower MAD / lower log ratio = closer (e.g. distilled student vs teacher).
     """
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     for name, x in (("a", xa), ("b", xb)):
@@ -169,13 +172,18 @@ def curve_closeness(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
             raise ValueError(f"curve {name} contains non-finite values: {x.tolist()}")
     n = max(xa.size, xb.size)
     grid = np.asarray(normalized_depth(n))
-    ra = np.interp(grid, np.asarray(normalized_depth(xa.size)), _minmax(xa))
-    rb = np.interp(grid, np.asarray(normalized_depth(xb.size)), _minmax(xb))
+
+    def resample(x: np.ndarray) -> np.ndarray:
+        return np.interp(grid, np.asarray(normalized_depth(x.size)), x)
+
+    ra, rb = resample(_minmax(xa)), resample(_minmax(xb))
     if np.ptp(ra) == 0 or np.ptp(rb) == 0:
         r = float("nan")
     else:
         r = float(np.corrcoef(ra, rb)[0, 1])
-    return {"pearson": r, "mad": float(np.abs(ra - rb).mean()), "n_points": n}
+    positive = bool((xa > 0).all() and (xb > 0).all())
+    log_ratio = float(np.abs(np.log(resample(xa)) - np.log(resample(xb))).mean()) if positive else float("nan")
+    return {"pearson": r, "mad": float(np.abs(ra - rb).mean()), "log_ratio": log_ratio, "n_points": n}
 
 
 def _resolve_count(n: int | float, depth: int, name: str) -> int:
