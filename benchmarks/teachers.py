@@ -23,6 +23,9 @@ TEACHERS = {
     "resnetd_small_28": ("configs/fashion_mnist/teacher_resnet.yaml", "weights/resnetd_small_28_fmnist.safetensors"),
     "caitd_small_patch4_28": ("configs/fashion_mnist/teacher_cait.yaml",
                               "weights/caitd_small_patch4_28_fmnist.safetensors"),
+    # the same CaiT distilled from the shipped CNN while it trains (as CaiT/DeiT train theirs)
+    "caitd_small_patch4_28_kd": ("configs/fashion_mnist/teacher_cait_kd.yaml",
+                                 "weights/caitd_small_patch4_28_kd_fmnist.safetensors"),
 }
 
 

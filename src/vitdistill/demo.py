@@ -59,7 +59,8 @@ def run_demo(output_dir: str = "runs/demo", fraction: float = 0.1, quick: bool =
         print(f"{r['label']:44s} {r['student_params'] / 1e6:7.2f}M {r['best_top1']:10.2f} {r['last_top1']:10.2f} "
               f"{r['wall_time_s']:8.0f}")
     print("* the CaiT teacher was trained on all of Fashion-MNIST (weights/); the other teachers on the subset")
-    print("\nLayer intensity against depth, closeness to the CaiT teacher's curve (Pearson r, mean abs. difference):")
+    print("\nLayer intensity against depth, closeness to the CaiT teacher's curve (shape: Pearson r, mean abs. "
+          "difference of min-max normalised curves; scale: mean |log ratio|):")
     for label, c in analysis["closeness"].items():
         print(f"  {label:24s} r {c['pearson']:+.3f}  MAD {c['mad']:.3f}  log ratio {c['log_ratio']:.3f}")
     print(f"run folders (config, metrics.csv, summary.json, checkpoints): {output_dir}/; "
