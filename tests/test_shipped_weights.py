@@ -14,10 +14,14 @@ from vitdistill.engine.distributed import DistInfo
 from vitdistill.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
-# preset: (weights, a floor far below the recorded accuracy: catches a wrong or broken file on its own)
+# name in BENCHMARKS.md: (preset, weights, a floor far below the recorded accuracy: catches a wrong or
+# broken file on its own)
 SHIPPED = {
-    "resnetd_small_28": (REPO / "weights" / "resnetd_small_28_fmnist.safetensors", 90.0),
-    "caitd_small_patch4_28": (REPO / "weights" / "caitd_small_patch4_28_fmnist.safetensors", 80.0),
+    "resnetd_small_28": ("resnetd_small_28", REPO / "weights" / "resnetd_small_28_fmnist.safetensors", 90.0),
+    "caitd_small_patch4_28": ("caitd_small_patch4_28", REPO / "weights" / "caitd_small_patch4_28_fmnist.safetensors",
+                              80.0),
+    "caitd_small_patch4_28_kd": ("caitd_small_patch4_28",
+                                 REPO / "weights" / "caitd_small_patch4_28_kd_fmnist.safetensors", 80.0),
 }
 
 
@@ -30,8 +34,8 @@ def recorded_top1(name: str) -> float:
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_teacher_scores_what_benchmarks_md_says(name):
-    weights, floor = SHIPPED[name]
-    model = create_model(name, num_classes=10, in_chans=1, img_size=28, checkpoint=str(weights))
+    preset, weights, floor = SHIPPED[name]
+    model = create_model(preset, num_classes=10, in_chans=1, img_size=28, checkpoint=str(weights))
     bundle = build_data(DataConfig(), seed=0)
     assert len(bundle.val) == 10000
     loader = DataLoader(bundle.val, batch_size=1000)
