@@ -58,8 +58,9 @@ def _launch(run: Run, out: Path, threads: int) -> dict:
     summary = folder / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
+    # the run folder relative to the repository (the cwd), so that run records carry no machine paths
     cmd = [sys.executable, "-m", "vitdistill", "train", run.config, *run.overrides,
-           f"run.output_dir={out}", f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
+           f"run.output_dir={os.path.relpath(out, REPO)}", f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
     if (folder / "last.pt").exists():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
