@@ -40,12 +40,16 @@ class Run:
         return f"{self.group}__{self.column}__s{self.seed}".replace("/", "-").replace(" ", "_")
 
 
-def parse_profile_args(doc: str | None, profiles: dict) -> tuple[str, int]:
+def profile_parser(doc: str | None, profiles: dict) -> argparse.ArgumentParser:
     """``--profile`` and ``--jobs``, the options every benchmark script takes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=list(profiles), default="quick")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
-    args = p.parse_args()
+    return p
+
+
+def parse_profile_args(doc: str | None, profiles: dict) -> tuple[str, int]:
+    args = profile_parser(doc, profiles).parse_args()
     return args.profile, args.jobs
 
 

@@ -22,7 +22,7 @@ def test_quick_demo_trains_every_run_and_distils_from_its_own_teacher(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and float(rows[0]["train_hidden"]) > 0
     spectral = yaml.safe_load((out / "spectralkd" / "config.yaml").read_text())
-    assert spectral["teacher"]["checkpoint"] == "weights/caitd_small_patch4_28_fmnist.safetensors"
+    assert spectral["teacher"]["checkpoint"] == "weights/caitd_small_patch4_28_kd_fmnist.safetensors"
     analysis = {p.name for p in (out / "analysis").iterdir()}
     assert {"intensity.png", "attention_distance.png", "summary.md", "CaiT_teacher_layers.csv"} <= analysis
     # a second call finds the finished runs and does not train again

@@ -2,8 +2,8 @@
 
 On one class-balanced subset: a CNN teacher, the ViT student alone, DeiT (distillation token) and
 DearKD taught by that CNN (trained here, on the subset, so none of them sees more data than the
-others), and SpectralKD taught by the shipped CaiT teacher (trained on all of Fashion-MNIST: a
-transformer teacher cannot be trained within the demo's time). Then the spectral analysis of the
+others), and SpectralKD taught by the shipped CaiT teacher (trained on all of Fashion-MNIST with the
+shipped CNN as its teacher: a transformer teacher cannot be trained within the demo's time). Then the spectral analysis of the
 CaiT teacher beside the two ViT students (intensity against depth: the distillation-dynamics view).
 Each step is an ordinary run from a config in ``configs/fashion_mnist``; an interrupted demo picks up
 where it stopped (finished runs are skipped, started ones resume).
@@ -58,7 +58,8 @@ def run_demo(output_dir: str = "runs/demo", fraction: float = 0.1, quick: bool =
     for r in results:
         print(f"{r['label']:44s} {r['student_params'] / 1e6:7.2f}M {r['best_top1']:10.2f} {r['last_top1']:10.2f} "
               f"{r['wall_time_s']:8.0f}")
-    print("* the CaiT teacher was trained on all of Fashion-MNIST (weights/); the other teachers on the subset")
+    print("* the CaiT teacher was trained on all of Fashion-MNIST (weights/, distilled from the shipped CNN); "
+          "the other teachers on the subset")
     print("\nLayer intensity against depth, closeness to the CaiT teacher's curve (shape: Pearson r, mean abs. "
           "difference of min-max normalised curves; scale: mean |log ratio|):")
     for label, c in analysis["closeness"].items():
