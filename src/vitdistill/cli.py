@@ -1,4 +1,4 @@
-"""Command line: ``vitdistill train | eval | export | analyze | demo`` (also ``python -m vitdistill``)."""
+"""Command line: ``vitdistill train | eval | export | analyze | synthesize | demo`` (also ``python -m vitdistill``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .engine import CheckpointError, TrainingError
     from .methods import MethodError
     from .models import ModelError, TapError
+    from .synthesis import SynthesisError
 
-    return ConfigError, DataError, CheckpointError, TrainingError, MethodError, ModelError, TapError, AnalysisError
+    return (ConfigError, DataError, CheckpointError, TrainingError, MethodError, ModelError, TapError, AnalysisError,
+            SynthesisError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data_root:
         data_values["root"] = args.data_root
     data_values = {k: v for k, v in data_values.items() if k in DataConfig.__dataclass_fields__}
-    data_values.update(fraction=1.0, augment={})
+    data_values.update(fraction=1.0, augment={}, synthetic=None)  # the test split only
     data_cfg = config_from_dict({"data": data_values}).data
     bundle = build_data(data_cfg, seed=0)
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=data_cfg.num_workers)
@@ -113,6 +115,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.load_state_dict(ckpt["ema"])
     save_weights(model, args.output, model_metadata(cfg, _num_classes(ckpt)))
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .synthesis import run_synthesis
+
+    summary = run_synthesis(load_config(resolve_path(args.config), args.overrides), quiet=args.quiet)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -169,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
     x.set_defaults(func=cmd_export)
 
+    y = sub.add_parser("synthesize", help="images made from a teacher alone (DeepInversion + intra-divergence, "
+                                          "DF-DearKD): a train split for data.synthetic")
+    y.add_argument("config", help="YAML with teacher, data and synthesis sections (e.g. configs/fashion_mnist/synthesize.yaml)")
+    y.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesis.images_per_class=50")
+    y.add_argument("--quiet", action="store_true", help="no per-batch lines")
+    y.set_defaults(func=cmd_synthesize)
+
     d = sub.add_parser("demo", help="on a Fashion-MNIST subset: ViT alone, DeiT, DearKD, SpectralKD; a table and the teacher analysis")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--fraction", type=float, default=0.1)
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first flag: `train CFG --quiet a.b=1` still overrides
-    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and args.command in ("train", "synthesize") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -67,6 +67,7 @@ class DataConfig:
     eval_batch_size: int = 512
     num_workers: int = 0
     download: bool = True  # allow torchvision to download when no local copy is found
+    synthetic: str | None = None  # images.safetensors from `vitdistill synthesize`: replaces the train split
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -127,6 +128,30 @@ class TrainConfig:
 
 
 @dataclass
+class SynthesisConfig:
+    """Images synthesised from the teacher (``vitdistill synthesize``): DeepInversion plus DF-DearKD's
+    boundary-preserving intra-divergence. Each batch holds ``batch_size / per_class`` classes with
+    ``per_class`` images each and is optimised for ``iterations`` steps of Adam (betas 0.5, 0.9)."""
+
+    images_per_class: int = 200
+    per_class: int = 8  # images of one class in a batch (K >= 2: the intra-divergence terms compare them)
+    batch_size: int = 80  # a multiple of per_class
+    iterations: int = 200
+    lr: float = 0.1
+    warmup_iterations: int = 20
+    bn_weight: float = 0.01  # a_f: BatchNorm statistics matching
+    first_bn_multiplier: float = 10.0
+    tv_weight: float = 1e-4  # a_tv: total variation (L2)
+    l2_weight: float = 1e-5  # a_l2: image norm
+    jitter: int = 2  # random roll of up to this many pixels each step
+    flip: bool = True  # random horizontal flip each step
+    diversity_weight: float = 0.0  # intra-divergence: push same-class images apart in feature space
+    boundary: str = "feature"  # feature | logit | none: what keeps the spread inside the class
+    boundary_weight: float = 0.0
+    boundary_margin: float = 0.2  # squared feature distance (feature) or logits (logit)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +159,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -298,3 +324,21 @@ def validate(cfg: Config) -> None:
     dev = t.device
     _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
     _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be >= 1 or null")
+    y = cfg.synthesis
+    for name in ("images_per_class", "per_class", "batch_size", "iterations"):
+        _check(getattr(y, name) >= 1, f"synthesis.{name}={getattr(y, name)} must be at least 1")
+    _check(y.batch_size % y.per_class == 0,
+           f"synthesis.batch_size={y.batch_size} must be a multiple of synthesis.per_class={y.per_class}")
+    _check(y.images_per_class % y.per_class == 0,
+           f"synthesis.images_per_class={y.images_per_class} must be a multiple of synthesis.per_class={y.per_class}")
+    _check(y.lr > 0, f"synthesis.lr={y.lr} must be positive")
+    _check(0 <= y.warmup_iterations < y.iterations,
+           f"synthesis.warmup_iterations={y.warmup_iterations} must be in [0, synthesis.iterations={y.iterations})")
+    _check(y.jitter >= 0, f"synthesis.jitter={y.jitter} must be >= 0")
+    _check(y.boundary in ("feature", "logit", "none"), f"synthesis.boundary='{y.boundary}' must be feature, logit or none")
+    for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "diversity_weight", "boundary_weight"):
+        _check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
+    _check(y.per_class >= 2 or (y.diversity_weight == 0 and y.boundary_weight == 0),
+           f"synthesis.per_class={y.per_class}: the intra-divergence terms need at least 2 images of a class per batch")
+    _check(y.boundary != "feature" or y.boundary_weight == 0 or y.batch_size // y.per_class >= 2,
+           f"synthesis.batch_size={y.batch_size} holds one class: the feature boundary needs at least 2 classes per batch")

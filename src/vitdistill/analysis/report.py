@@ -354,7 +354,7 @@ def load_models(
             values["name"] = data
         if data_root:
             values["root"] = data_root
-        values.update(fraction=1.0, augment={})
+        values.update(fraction=1.0, augment={}, synthetic=None)  # the test split only
         key = json.dumps(values, sort_keys=True, default=str)
         if key not in bundles:
             cfg = config_from_dict({"data": values}).data

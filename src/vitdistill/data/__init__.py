@@ -13,6 +13,7 @@ from .datasets import (
     build_data,
     find_fashion_mnist,
     load_fashion_mnist,
+    load_synthetic,
 )
 from .idx import DataError, read_idx
 from .subsets import class_balanced_subset
@@ -43,5 +44,6 @@ __all__ = [
     "dataset_stats",
     "find_fashion_mnist",
     "load_fashion_mnist",
+    "load_synthetic",
     "read_idx",
 ]

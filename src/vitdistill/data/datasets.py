@@ -33,6 +33,7 @@ __all__ = [
     "build_data",
     "find_fashion_mnist",
     "load_fashion_mnist",
+    "load_synthetic",
 ]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "random")
@@ -331,6 +332,33 @@ def _random(cfg: DataConfig, seed: int) -> tuple[TensorImageDataset, TensorImage
     return out[0], out[1], [f"class_{i}" for i in range(n_cls)]
 
 
+# ----------------------------------------------------------------------------- synthetic
+
+
+def load_synthetic(path: str | os.PathLike[str], dataset: str, num_classes: int) -> TensorImageDataset:
+    """Images written by ``vitdistill synthesize`` (safetensors: uint8 ``images`` (N, C, H, W), int64
+    ``labels``) as a train split for ``dataset``, whose test split and classes they were made for."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data.synthetic '{p}' does not exist; write it with `vitdistill synthesize CONFIG`")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            images, labels = f.get_tensor("images"), f.get_tensor("labels")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"data.synthetic '{p}' is not a synthesised image file ({type(e).__name__}: {e})") from None
+    if meta.get("dataset") != dataset:
+        raise DataError(f"data.synthetic '{p}' was synthesised for dataset '{meta.get('dataset')}', "
+                        f"but data.name is '{dataset}'; the test split must be the one the teacher knows")
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise DataError(f"data.synthetic '{p}': images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"data.synthetic '{p}' has labels outside 0..{num_classes - 1}")
+    return TensorImageDataset(images, labels)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -365,6 +393,8 @@ def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0) -> Data
         train, val, class_names = _image_folder(cfg)
     else:
         train, val, class_names = _random(cfg, seed)
+    if cfg.synthetic:
+        train = load_synthetic(cfg.synthetic, cfg.name, len(class_names))
 
     default_mean, default_std = dataset_stats(cfg.name, cfg.in_chans)
     mean = tuple(cfg.mean) if cfg.mean is not None else default_mean

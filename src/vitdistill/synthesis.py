@@ -1,0 +1,244 @@
+"""``vitdistill synthesize``: a labelled training set made from a teacher alone (DF-DearKD, METHODS.md 1.5).
+
+Pixels are optimised so that the teacher classifies them as their target labels while every BatchNorm
+layer sees the statistics it stored in training (DeepInversion), under total-variation and L2 priors,
+with a random roll and flip each step. DF-DearKD's boundary-preserving intra-divergence spreads the
+images of a class apart in the teacher's feature space without letting them cross to another class.
+
+The set is made batch by batch; each batch is seeded by (run seed, batch index) and written as its own
+shard, so an interrupted job resumes with the next batch and gives the same images as an uninterrupted
+one. The result, ``<run>/images.safetensors`` (uint8 images in pixel space, labels), is a train split:
+``data.synthetic`` in a training config (e.g. ``configs/fashion_mnist/df_dearkd.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .config import Config, ConfigError, SynthesisConfig, save_config
+from .io import atomic_open, atomic_write_text
+from .losses.inversion import (
+    BatchNormStatistics,
+    boundary_preserving_loss,
+    image_l2,
+    intra_divergence_loss,
+    logit_margin_loss,
+    total_variation_l2,
+)
+
+__all__ = ["SynthesisError", "class_diversity", "run_synthesis", "synthesis_labels", "synthesize_batch"]
+
+LOSS_TERMS = ("ce", "bn", "tv", "l2", "diversity", "boundary")
+
+
+class SynthesisError(RuntimeError):
+    """The optimisation of a batch diverged."""
+
+
+def synthesis_labels(num_classes: int, images_per_class: int, per_class: int) -> torch.Tensor:
+    """Labels of the whole set: groups of ``per_class`` images of one class, cycling through the classes,
+    so every batch of consecutive images holds ``batch_size / per_class`` classes, ``per_class`` each."""
+    return torch.arange(num_classes).repeat(images_per_class // per_class).repeat_interleave(per_class)
+
+
+def _teacher_outputs(teacher: nn.Module, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and (when asked) the pooled penultimate features, from one pass (timm's model API)."""
+    if not features:
+        return teacher(x), None
+    h = teacher.forward_features(x)
+    return teacher.forward_head(h), teacher.forward_head(h, pre_logits=True).flatten(1)
+
+
+def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisConfig, shape: tuple[int, int, int],
+                     mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Optimise one batch of images (normalised space, ``(B, *shape)``) for ``labels``; returns the images
+    and the loss terms of the last step. ``teacher`` is frozen and in eval mode."""
+    device = labels.device
+    g = torch.Generator().manual_seed(seed)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    lo, hi = (0 - m) / s, (1 - m) / s  # the valid pixel range [0, 1] in normalised units
+    x = torch.randn((len(labels), *shape), generator=g).to(device).clamp_(lo, hi).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=syn.lr, betas=(0.5, 0.9), eps=1e-8)
+    use_features = syn.diversity_weight > 0 or (syn.boundary == "feature" and syn.boundary_weight > 0)
+    bn = BatchNormStatistics(teacher, syn.first_bn_multiplier)
+    try:
+        for it in range(syn.iterations):
+            for group in opt.param_groups:
+                group["lr"] = _lr(it, syn)
+            dy, dx = (int(v) for v in torch.randint(-syn.jitter, syn.jitter + 1, (2,), generator=g))
+            xj = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            if syn.flip and torch.rand((), generator=g) < 0.5:
+                xj = xj.flip(3)
+            logits, feats = _teacher_outputs(teacher, xj, use_features)
+            terms = {"ce": F.cross_entropy(logits.float(), labels), "bn": bn.loss(), "tv": total_variation_l2(xj),
+                     "l2": image_l2(xj)}
+            terms["diversity"] = intra_divergence_loss(feats, labels) if syn.diversity_weight > 0 else torch.zeros(())
+            terms["boundary"] = _boundary(syn, logits, feats, labels)
+            weights = {"ce": 1.0, "bn": syn.bn_weight, "tv": syn.tv_weight, "l2": syn.l2_weight,
+                       "diversity": syn.diversity_weight, "boundary": syn.boundary_weight}
+            total = sum(weights[k] * terms[k] for k in LOSS_TERMS)
+            if not torch.isfinite(total):
+                raise SynthesisError(f"synthesis loss became {total.item()} at iteration {it} "
+                                         f"({ {k: float(v) for k, v in terms.items()} }); lower synthesis.lr")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(lo, hi)
+    finally:
+        bn.remove()
+    return x.detach(), {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+
+
+def _lr(it: int, syn: SynthesisConfig) -> float:
+    """Linear warm-up, then cosine decay to 0, over the iterations of one batch."""
+    if it < syn.warmup_iterations:
+        return syn.lr * (it + 1) / syn.warmup_iterations
+    progress = (it - syn.warmup_iterations) / max(1, syn.iterations - syn.warmup_iterations)
+    return 0.5 * syn.lr * (1 + math.cos(math.pi * progress))
+
+
+def _boundary(syn: SynthesisConfig, logits: torch.Tensor, feats: torch.Tensor | None,
+              labels: torch.Tensor) -> torch.Tensor:
+    if syn.boundary_weight == 0 or syn.boundary == "none":
+        return torch.zeros((), device=logits.device)
+    if syn.boundary == "logit":
+        return logit_margin_loss(logits, labels, syn.boundary_margin)
+    return boundary_preserving_loss(feats, labels, syn.boundary_margin)
+
+
+def to_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def from_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+@torch.no_grad()
+def class_diversity(teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Mean squared distance between L2-normalised teacher features of same-class images (0 = all alike,
+    at most 4): how much of its class a synthetic set covers, as the teacher sees it."""
+    feats = torch.cat([_teacher_outputs(teacher, x[i:i + batch_size], True)[1] for i in range(0, len(x), batch_size)])
+    feats = F.normalize(feats.float(), dim=1)
+    dists = [torch.pdist(feats[labels == c]).pow(2).mean() for c in labels.unique() if (labels == c).sum() > 1]
+    return float(torch.stack(dists).mean())
+
+
+@torch.no_grad()
+def _predict(teacher: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([teacher(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def _save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 10) -> None:
+    """Up to ``per_row`` images of each class, one class per row, as a PNG."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    rows = [images[labels == c][:per_row] for c in labels.unique()]
+    rows = [torch.cat([r, torch.zeros((per_row - len(r), *r.shape[1:]), dtype=r.dtype)]) for r in rows]
+    grid = make_grid(torch.cat(rows), nrow=per_row, padding=1, pad_value=255)  # (3, H, W) uint8
+    with atomic_open(path) as f:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="png")
+
+
+def run_synthesis(cfg: Config, quiet: bool = False) -> dict[str, Any]:
+    """Synthesise ``cfg.synthesis.images_per_class`` images per class from ``cfg.teacher`` into
+    ``<run.output_dir>/<run.name>/``: shards/, images.safetensors, synthesis.csv, samples.png, summary.json."""
+    from .data import build_data
+    from .engine.distributed import resolve_device
+    from .engine.trainer import build_model, seed_everything
+
+    if not cfg.teacher.name or not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+        raise ConfigError("synthesize needs a trained teacher: teacher.name and teacher.checkpoint "
+                          f"(got name={cfg.teacher.name!r}, checkpoint={cfg.teacher.checkpoint!r})")
+    if cfg.data.synthetic:
+        raise ConfigError(f"data.synthetic='{cfg.data.synthetic}': synthesize makes a train split, it does not read one")
+    syn, d = cfg.synthesis, cfg.data
+    start = time.perf_counter()
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    data = build_data(d, seed=cfg.run.seed)  # the label space and normalisation the teacher was trained with
+    device = resolve_device(cfg.train.device)
+    teacher = build_model(cfg.teacher, data.num_classes, d.in_chans, d.img_size).to(device).eval()
+    teacher.requires_grad_(False)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    (run_dir / "shards").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    labels = synthesis_labels(data.num_classes, syn.images_per_class, syn.per_class)
+    n_batches = math.ceil(len(labels) / syn.batch_size)
+    shape = (d.in_chans, d.img_size, d.img_size)
+    for b in range(n_batches):
+        shard = run_dir / "shards" / f"batch_{b:05d}.safetensors"
+        if shard.exists():
+            continue
+        batch_labels = labels[b * syn.batch_size:(b + 1) * syn.batch_size].to(device)
+        t0 = time.perf_counter()
+        x, terms = synthesize_batch(teacher, batch_labels, syn, shape, data.mean, data.std,
+                                    seed=cfg.run.seed * 1_000_003 + b)
+        images = to_uint8(x, data.mean, data.std)
+        stored = from_uint8(images, data.mean, data.std).to(device)
+        terms["teacher_top1"] = 100.0 * float((_predict(teacher, stored) == batch_labels).float().mean())
+        terms["seconds"] = time.perf_counter() - t0
+        with atomic_open(shard) as f:
+            f.write(safetensors_bytes({"images": images, "labels": batch_labels.cpu()},
+                                      metadata={"terms": json.dumps(terms)}))
+        if not quiet:
+            print(f"synthesize batch {b + 1}/{n_batches}: " + " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
+                  flush=True)
+    return _assemble(cfg, run_dir, n_batches, teacher, data, device, time.perf_counter() - start)
+
+
+def _assemble(cfg: Config, run_dir: Path, n_batches: int, teacher: nn.Module, data, device,
+              seconds: float) -> dict[str, Any]:
+    """Join the shards into images.safetensors and write the per-batch log, the sample grid and a summary."""
+    shards = [run_dir / "shards" / f"batch_{b:05d}.safetensors" for b in range(n_batches)]
+    tensors = [load_file(str(p)) for p in shards]
+    terms = [json.loads(_metadata(p)["terms"]) for p in shards]
+    images = torch.cat([t["images"] for t in tensors])
+    labels = torch.cat([t["labels"] for t in tensors])
+    d = cfg.data
+    meta = {"dataset": d.name, "num_classes": str(data.num_classes), "in_chans": str(d.in_chans),
+            "img_size": str(d.img_size), "teacher": json.dumps({"name": cfg.teacher.name,
+                                                                "checkpoint": cfg.teacher.checkpoint}),
+            "synthesis": json.dumps(dataclasses.asdict(cfg.synthesis))}
+    with atomic_open(run_dir / "images.safetensors") as f:
+        f.write(safetensors_bytes({"images": images, "labels": labels}, metadata=meta))
+    columns = ["batch", *terms[0]]
+    atomic_write_text(run_dir / "synthesis.csv", "\n".join(
+        [",".join(columns)] + [",".join([str(b)] + [f"{t[k]:.6g}" for k in columns[1:]]) for b, t in enumerate(terms)]) + "\n")
+    _save_grid(images, labels, run_dir / "samples.png")
+    stored = from_uint8(images, data.mean, data.std).to(device)
+    summary = {
+        "run": str(run_dir), "images": len(labels), "num_classes": data.num_classes,
+        "teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint,
+        "teacher_top1_on_synthetic": 100.0 * float((_predict(teacher, stored).cpu() == labels).float().mean()),
+        "class_diversity": class_diversity(teacher, stored, labels.to(device)),
+        "final_loss_mean": {k: sum(t[k] for t in terms) / len(terms) for k in ("loss", *LOSS_TERMS)},
+        "synthesis_seconds": sum(t["seconds"] for t in terms),  # over all invocations, if resumed
+        "wall_time_s": seconds,  # this invocation
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
