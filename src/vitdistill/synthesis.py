@@ -22,11 +22,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import Config, ConfigError, SynthesisConfig, save_config
+from .data import build_data
+from .engine.distributed import resolve_device
+from .engine.trainer import build_model, cosine_with_warmup, seed_everything
 from .io import atomic_open, atomic_write_text
 from .losses.inversion import (
     BatchNormStatistics,
@@ -72,11 +76,13 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisCon
     x = torch.randn((len(labels), *shape), generator=g).to(device).clamp_(lo, hi).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=syn.lr, betas=(0.5, 0.9), eps=1e-8)
     use_features = syn.diversity_weight > 0 or (syn.boundary == "feature" and syn.boundary_weight > 0)
+    weights = {"ce": 1.0, "bn": syn.bn_weight, "tv": syn.tv_weight, "l2": syn.l2_weight,
+               "diversity": syn.diversity_weight, "boundary": syn.boundary_weight}
     bn = BatchNormStatistics(teacher, syn.first_bn_multiplier)
     try:
         for it in range(syn.iterations):
             for group in opt.param_groups:
-                group["lr"] = _lr(it, syn)
+                group["lr"] = cosine_with_warmup(it, syn.iterations, syn.warmup_iterations, syn.lr, 0.0, 0.0)
             dy, dx = (int(v) for v in torch.randint(-syn.jitter, syn.jitter + 1, (2,), generator=g))
             xj = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             if syn.flip and torch.rand((), generator=g) < 0.5:
@@ -84,14 +90,12 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisCon
             logits, feats = _teacher_outputs(teacher, xj, use_features)
             terms = {"ce": F.cross_entropy(logits.float(), labels), "bn": bn.loss(), "tv": total_variation_l2(xj),
                      "l2": image_l2(xj)}
-            terms["diversity"] = intra_divergence_loss(feats, labels) if syn.diversity_weight > 0 else torch.zeros(())
+            terms["diversity"] = intra_divergence_loss(feats, labels) if syn.diversity_weight > 0 else x.new_zeros(())
             terms["boundary"] = _boundary(syn, logits, feats, labels)
-            weights = {"ce": 1.0, "bn": syn.bn_weight, "tv": syn.tv_weight, "l2": syn.l2_weight,
-                       "diversity": syn.diversity_weight, "boundary": syn.boundary_weight}
             total = sum(weights[k] * terms[k] for k in LOSS_TERMS)
             if not torch.isfinite(total):
                 raise SynthesisError(f"synthesis loss became {total.item()} at iteration {it} "
-                                         f"({ {k: float(v) for k, v in terms.items()} }); lower synthesis.lr")
+                                     f"({ {k: float(v) for k, v in terms.items()} }); lower synthesis.lr")
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -102,18 +106,10 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisCon
     return x.detach(), {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
 
 
-def _lr(it: int, syn: SynthesisConfig) -> float:
-    """Linear warm-up, then cosine decay to 0, over the iterations of one batch."""
-    if it < syn.warmup_iterations:
-        return syn.lr * (it + 1) / syn.warmup_iterations
-    progress = (it - syn.warmup_iterations) / max(1, syn.iterations - syn.warmup_iterations)
-    return 0.5 * syn.lr * (1 + math.cos(math.pi * progress))
-
-
 def _boundary(syn: SynthesisConfig, logits: torch.Tensor, feats: torch.Tensor | None,
               labels: torch.Tensor) -> torch.Tensor:
     if syn.boundary_weight == 0 or syn.boundary == "none":
-        return torch.zeros((), device=logits.device)
+        return logits.new_zeros(())
     if syn.boundary == "logit":
         return logit_margin_loss(logits, labels, syn.boundary_margin)
     return boundary_preserving_loss(feats, labels, syn.boundary_margin)
@@ -161,10 +157,6 @@ def _save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: 
 def run_synthesis(cfg: Config, quiet: bool = False) -> dict[str, Any]:
     """Synthesise ``cfg.synthesis.images_per_class`` images per class from ``cfg.teacher`` into
     ``<run.output_dir>/<run.name>/``: shards/, images.safetensors, synthesis.csv, samples.png, summary.json."""
-    from .data import build_data
-    from .engine.distributed import resolve_device
-    from .engine.trainer import build_model, seed_everything
-
     if not cfg.teacher.name or not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
         raise ConfigError("synthesize needs a trained teacher: teacher.name and teacher.checkpoint "
                           f"(got name={cfg.teacher.name!r}, checkpoint={cfg.teacher.checkpoint!r})")
@@ -238,7 +230,5 @@ def _assemble(cfg: Config, run_dir: Path, n_batches: int, teacher: nn.Module, da
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
