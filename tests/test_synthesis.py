@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vitdistill import synthesis
 from vitdistill.cli import main
 from vitdistill.config import REPO_ROOT as REPO
 from vitdistill.config import ConfigError, SynthesisConfig, load_config
@@ -139,6 +140,8 @@ def test_synthesize_batch_lowers_the_loss_stays_in_range_and_is_seeded():
     again, _ = synthesize_batch(teacher, labels, syn, (1, 28, 28), mean, std, seed=5)
     assert torch.equal(x, again)
     assert not any(m._forward_hooks for m in teacher.modules())
+    with pytest.raises(ValueError, match="frozen teacher in eval mode"):
+        synthesize_batch(teacher.train(), labels, syn, (1, 28, 28), mean, std, seed=5)
 
 
 @pytest.fixture
@@ -152,23 +155,32 @@ def synth_cfg(tmp_path):
     return lambda *extra: load_config("configs/fashion_mnist/synthesize.yaml", overrides + list(extra))
 
 
-def test_synthesize_writes_the_set_and_a_resumed_job_equals_an_uninterrupted_one(synth_cfg, tmp_path):
+def test_synthesize_writes_the_set_and_a_resumed_job_equals_an_uninterrupted_one(synth_cfg, tmp_path, monkeypatch):
     summary = run_synthesis(synth_cfg(), quiet=True)
     run = tmp_path / "runs" / "syn"
     full = load_file(str(run / "images.safetensors"))
     assert full["images"].dtype == torch.uint8 and full["images"].shape == (40, 1, 28, 28)
     assert torch.bincount(full["labels"]).tolist() == [4] * 10
-    assert summary["images"] == 40 and 0 <= summary["teacher_top1_on_synthetic"] <= 100
-    assert 0 < summary["class_diversity"] <= 4
+    assert summary["images"] == 40 and 0 < summary["class_diversity"] <= 4
     assert {"samples.png", "synthesis.csv", "summary.json", "config.yaml"} <= {p.name for p in run.iterdir()}
-    assert len((run / "synthesis.csv").read_text().splitlines()) == 1 + 5  # header + one line per batch
+    rows = (run / "synthesis.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5  # header + one line per batch of 8
+    per_batch = [float(r.split(",")[rows[0].split(",").index("teacher_top1")]) for r in rows[1:]]
+    assert summary["teacher_top1_on_synthetic"] == pytest.approx(sum(per_batch) / 5)  # equal batches, same images
     # an interrupted job: two shards never written; the rerun makes only those, identically
     for shard in ("batch_00001.safetensors", "batch_00004.safetensors"):
         (run / "shards" / shard).unlink()
     (run / "images.safetensors").unlink()
+    calls = []
+    original = synthesis.synthesize_batch
+    monkeypatch.setattr(synthesis, "synthesize_batch", lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
     run_synthesis(synth_cfg(), quiet=True)
+    assert calls == [1_000_003 * 0 + 1, 4]  # run.seed 0: batch b is seeded with b
     resumed = load_file(str(run / "images.safetensors"))
     assert torch.equal(resumed["images"], full["images"]) and torch.equal(resumed["labels"], full["labels"])
+    # shards made under another config are never mixed in
+    with pytest.raises(ConfigError, match="made with another synthesis config"):
+        run_synthesis(synth_cfg("synthesis.lr=0.05"), quiet=True)
 
 
 def test_synthetic_set_is_a_train_split_and_trains(synth_cfg, tmp_path):
@@ -189,6 +201,39 @@ def test_synthetic_set_is_a_train_split_and_trains(synth_cfg, tmp_path):
         build_data(cfg.data, seed=0)
     path.unlink()  # evaluating the student needs the test split only, not the synthetic set
     assert main(["eval", str(tmp_path / "runs" / "df_dearkd" / "last.pt"), "--device", "cpu"]) == 0
+
+
+def test_synthetic_train_split_reads_no_real_training_image(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from vitdistill.data import datasets
+
+    path = tmp_path / "set.safetensors"
+    images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
+    save_file({"images": images, "labels": torch.arange(20) % 10}, str(path), metadata={"dataset": "fashion-mnist"})
+    real = datasets.load_fashion_mnist
+
+    def test_split_only(folder, split):
+        assert split == "test", "the real training split was read"
+        return real(folder, split)
+
+    monkeypatch.setattr(datasets, "load_fashion_mnist", test_split_only)
+    cfg = load_config(None, [f"data.synthetic={path}"]).data
+    data = build_data(cfg, seed=0)
+    assert len(data.train) == 20 and len(data.val) == 10000
+    cfg.img_size = 32
+    with pytest.raises(DataError, match=r"must be uint8 \(N, 1, 32, 32\)"):
+        build_data(cfg, seed=0)
+
+
+def test_last_batch_with_one_class_is_refused_before_any_work(synth_cfg):
+    # 40 images in batches of 38: the last batch holds 2 images, one group of per_class=2, one class
+    with pytest.raises(ConfigError, match="the last batch of the 40 images would hold one class"):
+        run_synthesis(synth_cfg("synthesis.batch_size=38"), quiet=True)
+    run_synthesis(synth_cfg("synthesis.batch_size=36"), quiet=True)  # the last batch: 4 images, 2 classes
+    # without the feature boundary one class per batch is fine, and a logit boundary needs no pairs
+    load_config(None, ["synthesis.per_class=1", "synthesis.boundary=logit", "synthesis.boundary_weight=1",
+                       "synthesis.diversity_weight=0"])
 
 
 @pytest.mark.parametrize("override, message", [

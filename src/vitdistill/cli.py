@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitdistill {args.command}: interrupted; `vitdistill train CONFIG --resume` continues a run", file=sys.stderr)
+        how = {"train": "`vitdistill train CONFIG --resume` continues the run",
+               "synthesize": "the same command again continues with the next batch"}.get(args.command, "")
+        print(f"vitdistill {args.command}: interrupted; {how}".rstrip("; "), file=sys.stderr)
         return 130
 
 

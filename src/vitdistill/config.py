@@ -338,7 +338,9 @@ def validate(cfg: Config) -> None:
     _check(y.boundary in ("feature", "logit", "none"), f"synthesis.boundary='{y.boundary}' must be feature, logit or none")
     for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "diversity_weight", "boundary_weight"):
         _check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
-    _check(y.per_class >= 2 or (y.diversity_weight == 0 and y.boundary_weight == 0),
-           f"synthesis.per_class={y.per_class}: the intra-divergence terms need at least 2 images of a class per batch")
-    _check(y.boundary != "feature" or y.boundary_weight == 0 or y.batch_size // y.per_class >= 2,
+    feature_boundary = y.boundary == "feature" and y.boundary_weight > 0
+    _check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
+           f"synthesis.per_class={y.per_class}: intra-divergence and the feature boundary need at least 2 images "
+           "of a class per batch")
+    _check(not feature_boundary or y.batch_size // y.per_class >= 2,
            f"synthesis.batch_size={y.batch_size} holds one class: the feature boundary needs at least 2 classes per batch")

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import Config, ConfigError, SynthesisConfig, save_config
-from .data import build_data
+from .data import load_test_split
 from .engine.distributed import resolve_device
 from .engine.trainer import build_model, cosine_with_warmup, seed_everything
 from .io import atomic_open, atomic_write_text
@@ -68,6 +68,9 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisCon
                      mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Optimise one batch of images (normalised space, ``(B, *shape)``) for ``labels``; returns the images
     and the loss terms of the last step. ``teacher`` is frozen and in eval mode."""
+    if teacher.training or any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("synthesize_batch needs a frozen teacher in eval mode (teacher.eval().requires_grad_(False)): "
+                         "in train mode its BatchNorm layers would use and overwrite the statistics being matched")
     device = labels.device
     g = torch.Generator().manual_seed(seed)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -156,68 +159,81 @@ def _save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: 
 
 def run_synthesis(cfg: Config, quiet: bool = False) -> dict[str, Any]:
     """Synthesise ``cfg.synthesis.images_per_class`` images per class from ``cfg.teacher`` into
-    ``<run.output_dir>/<run.name>/``: shards/, images.safetensors, synthesis.csv, samples.png, summary.json."""
+    ``<run.output_dir>/<run.name>/``: shards/, images.safetensors, synthesis.csv, samples.png, summary.json.
+    No training image is read: the test split gives the classes and the normalisation."""
     if not cfg.teacher.name or not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
-        raise ConfigError("synthesize needs a trained teacher: teacher.name and teacher.checkpoint "
-                          f"(got name={cfg.teacher.name!r}, checkpoint={cfg.teacher.checkpoint!r})")
+        raise ConfigError("synthesize needs a trained teacher: teacher.name and teacher.checkpoint (or "
+                          f"teacher.pretrained) (got name={cfg.teacher.name!r}, checkpoint={cfg.teacher.checkpoint!r})")
     if cfg.data.synthetic:
         raise ConfigError(f"data.synthetic='{cfg.data.synthetic}': synthesize makes a train split, it does not read one")
     syn, d = cfg.synthesis, cfg.data
     start = time.perf_counter()
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    data = build_data(d, seed=cfg.run.seed)  # the label space and normalisation the teacher was trained with
+    _, class_names, mean, std = load_test_split(d, cfg.run.seed)
+    labels = synthesis_labels(len(class_names), syn.images_per_class, syn.per_class)
+    tail_groups = (len(labels) % syn.batch_size) // syn.per_class
+    if syn.boundary == "feature" and syn.boundary_weight > 0 and tail_groups == 1:
+        raise ConfigError(f"synthesis.batch_size={syn.batch_size}: the last batch of the {len(labels)} images would "
+                          "hold one class, which the feature boundary cannot use; pick a batch_size that divides "
+                          f"{len(labels)} or leaves at least 2 x per_class={syn.per_class} images for the last batch")
     device = resolve_device(cfg.train.device)
-    teacher = build_model(cfg.teacher, data.num_classes, d.in_chans, d.img_size).to(device).eval()
+    teacher = build_model(cfg.teacher, len(class_names), d.in_chans, d.img_size).to(device).eval()
     teacher.requires_grad_(False)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     (run_dir / "shards").mkdir(parents=True, exist_ok=True)
+    # what the images depend on: a shard made under another fingerprint is never reused
+    fingerprint = json.dumps({"synthesis": dataclasses.asdict(syn), "seed": cfg.run.seed, "classes": class_names,
+                              "teacher": {"name": cfg.teacher.name, "checkpoint": cfg.teacher.checkpoint,
+                                          "kwargs": cfg.teacher.kwargs},
+                              "data": {"name": d.name, "in_chans": d.in_chans, "img_size": d.img_size,
+                                       "mean": list(mean), "std": list(std)}}, sort_keys=True)
     save_config(cfg, run_dir / "config.yaml")
-    labels = synthesis_labels(data.num_classes, syn.images_per_class, syn.per_class)
     n_batches = math.ceil(len(labels) / syn.batch_size)
     shape = (d.in_chans, d.img_size, d.img_size)
     for b in range(n_batches):
         shard = run_dir / "shards" / f"batch_{b:05d}.safetensors"
         if shard.exists():
+            if _metadata(shard).get("fingerprint") != fingerprint:
+                raise ConfigError(f"'{shard}' was made with another synthesis config, teacher, data or seed; use a "
+                                  f"new run.name, or delete '{run_dir / 'shards'}' to start this run over")
             continue
         batch_labels = labels[b * syn.batch_size:(b + 1) * syn.batch_size].to(device)
         t0 = time.perf_counter()
-        x, terms = synthesize_batch(teacher, batch_labels, syn, shape, data.mean, data.std,
-                                    seed=cfg.run.seed * 1_000_003 + b)
-        images = to_uint8(x, data.mean, data.std)
-        stored = from_uint8(images, data.mean, data.std).to(device)
+        x, terms = synthesize_batch(teacher, batch_labels, syn, shape, mean, std, seed=cfg.run.seed * 1_000_003 + b)
+        images = to_uint8(x, mean, std)
+        stored = from_uint8(images, mean, std).to(device)
         terms["teacher_top1"] = 100.0 * float((_predict(teacher, stored) == batch_labels).float().mean())
         terms["seconds"] = time.perf_counter() - t0
         with atomic_open(shard) as f:
             f.write(safetensors_bytes({"images": images, "labels": batch_labels.cpu()},
-                                      metadata={"terms": json.dumps(terms)}))
+                                      metadata={"terms": json.dumps(terms), "fingerprint": fingerprint}))
         if not quiet:
             print(f"synthesize batch {b + 1}/{n_batches}: " + " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
                   flush=True)
-    return _assemble(cfg, run_dir, n_batches, teacher, data, device, time.perf_counter() - start)
+    shards = [run_dir / "shards" / f"batch_{b:05d}.safetensors" for b in range(n_batches)]
+    return _assemble(cfg, run_dir, shards, teacher, len(class_names), (mean, std), device, time.perf_counter() - start)
 
 
-def _assemble(cfg: Config, run_dir: Path, n_batches: int, teacher: nn.Module, data, device,
+def _assemble(cfg: Config, run_dir: Path, shards: list[Path], teacher: nn.Module, num_classes: int,
+              normalization: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device,
               seconds: float) -> dict[str, Any]:
     """Join the shards into images.safetensors and write the per-batch log, the sample grid and a summary."""
-    shards = [run_dir / "shards" / f"batch_{b:05d}.safetensors" for b in range(n_batches)]
     tensors = [load_file(str(p)) for p in shards]
     terms = [json.loads(_metadata(p)["terms"]) for p in shards]
     images = torch.cat([t["images"] for t in tensors])
     labels = torch.cat([t["labels"] for t in tensors])
     d = cfg.data
-    meta = {"dataset": d.name, "num_classes": str(data.num_classes), "in_chans": str(d.in_chans),
-            "img_size": str(d.img_size), "teacher": json.dumps({"name": cfg.teacher.name,
-                                                                "checkpoint": cfg.teacher.checkpoint}),
-            "synthesis": json.dumps(dataclasses.asdict(cfg.synthesis))}
+    meta = {"dataset": d.name, "in_chans": str(d.in_chans), "img_size": str(d.img_size),
+            "fingerprint": _metadata(shards[0])["fingerprint"]}
     with atomic_open(run_dir / "images.safetensors") as f:
         f.write(safetensors_bytes({"images": images, "labels": labels}, metadata=meta))
     columns = ["batch", *terms[0]]
     atomic_write_text(run_dir / "synthesis.csv", "\n".join(
         [",".join(columns)] + [",".join([str(b)] + [f"{t[k]:.6g}" for k in columns[1:]]) for b, t in enumerate(terms)]) + "\n")
     _save_grid(images, labels, run_dir / "samples.png")
-    stored = from_uint8(images, data.mean, data.std).to(device)
+    stored = from_uint8(images, *normalization).to(device)
     summary = {
-        "run": str(run_dir), "images": len(labels), "num_classes": data.num_classes,
+        "run": str(run_dir), "images": len(labels), "num_classes": num_classes,
         "teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint,
         "teacher_top1_on_synthetic": 100.0 * float((_predict(teacher, stored).cpu() == labels).float().mean()),
         "class_diversity": class_diversity(teacher, stored, labels.to(device)),

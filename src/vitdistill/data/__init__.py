@@ -14,6 +14,7 @@ from .datasets import (
     find_fashion_mnist,
     load_fashion_mnist,
     load_synthetic,
+    load_test_split,
 )
 from .idx import DataError, read_idx
 from .subsets import class_balanced_subset
@@ -45,5 +46,6 @@ __all__ = [
     "find_fashion_mnist",
     "load_fashion_mnist",
     "load_synthetic",
+    "load_test_split",
     "read_idx",
 ]

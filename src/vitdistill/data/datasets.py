@@ -34,6 +34,7 @@ __all__ = [
     "find_fashion_mnist",
     "load_fashion_mnist",
     "load_synthetic",
+    "load_test_split",
 ]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "random")
@@ -190,7 +191,7 @@ def load_fashion_mnist(folder: str | os.PathLike[str], split: str) -> tuple[torc
     return images, labels
 
 
-def _fashion_mnist(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageDataset, list[str]]:
+def _fashion_mnist(cfg: DataConfig, with_train: bool) -> tuple[TensorImageDataset | None, TensorImageDataset, list[str]]:
     try:
         folder = find_fashion_mnist(cfg.root)
     except DataError:
@@ -198,7 +199,8 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageData
             raise
         folder = None
     if folder is not None:
-        train, test = load_fashion_mnist(folder, "train"), load_fashion_mnist(folder, "test")
+        train = load_fashion_mnist(folder, "train") if with_train else None
+        test = load_fashion_mnist(folder, "test")
     else:
         target = Path(cfg.root).expanduser() if cfg.root else Path("data")
         try:
@@ -209,7 +211,7 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageData
             why = f"The torchvision download into '{target}' also failed: {type(e).__name__}: {e}\n"
             raise DataError(_not_found_message(_search_dirs(cfg.root), why)) from None
         train, test = ((s.data, s.targets.long()) for s in splits)
-    return TensorImageDataset(*train), TensorImageDataset(*test), list(FASHION_MNIST_CLASSES)
+    return TensorImageDataset(*train) if train else None, TensorImageDataset(*test), list(FASHION_MNIST_CLASSES)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -335,12 +337,13 @@ def _random(cfg: DataConfig, seed: int) -> tuple[TensorImageDataset, TensorImage
 # ----------------------------------------------------------------------------- synthetic
 
 
-def load_synthetic(path: str | os.PathLike[str], dataset: str, num_classes: int) -> TensorImageDataset:
-    """Images written by ``vitdistill synthesize`` (safetensors: uint8 ``images`` (N, C, H, W), int64
-    ``labels``) as a train split for ``dataset``, whose test split and classes they were made for."""
+def load_synthetic(cfg: DataConfig, num_classes: int) -> TensorImageDataset:
+    """The images ``cfg.synthetic`` written by ``vitdistill synthesize`` (safetensors: uint8 ``images``
+    (N, C, H, W), int64 ``labels``) as a train split for ``cfg.name``, whose test split and classes they
+    were made for, at ``cfg.img_size`` and ``cfg.in_chans``."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path).expanduser()
+    p = Path(str(cfg.synthetic)).expanduser()
     if not p.is_file():
         raise DataError(f"data.synthetic '{p}' does not exist; write it with `vitdistill synthesize CONFIG`")
     try:
@@ -349,11 +352,14 @@ def load_synthetic(path: str | os.PathLike[str], dataset: str, num_classes: int)
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DataError(f"data.synthetic '{p}' is not a synthesised image file ({type(e).__name__}: {e})") from None
-    if meta.get("dataset") != dataset:
+    if meta.get("dataset") != cfg.name:
         raise DataError(f"data.synthetic '{p}' was synthesised for dataset '{meta.get('dataset')}', "
-                        f"but data.name is '{dataset}'; the test split must be the one the teacher knows")
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise DataError(f"data.synthetic '{p}': images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+                        f"but data.name is '{cfg.name}'; the test split must be the one the teacher knows")
+    expected = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise DataError(f"data.synthetic '{p}': images must be uint8 (N, {', '.join(map(str, expected))}) for "
+                        f"data.in_chans={cfg.in_chans} and data.img_size={cfg.img_size}, got {images.dtype} "
+                        f"{tuple(images.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"data.synthetic '{p}' has labels outside 0..{num_classes - 1}")
     return TensorImageDataset(images, labels)
@@ -371,34 +377,49 @@ def _targets(ds: Dataset) -> list[int] | torch.Tensor:
     return targets
 
 
+def _splits(cfg: DataConfig, seed: int, with_train: bool) -> tuple[Dataset | None, Dataset, list[str]]:
+    """(train, test, class names); ``with_train=False`` reads no training image (Fashion-MNIST, random)."""
+    if cfg.name not in DATASET_NAMES:
+        raise DataError(f"data.name='{cfg.name}' is not a known dataset; valid: {', '.join(DATASET_NAMES)}")
+    if cfg.in_chans not in (1, 3):
+        raise DataError(f"data.in_chans={cfg.in_chans} must be 1 or 3")
+    if cfg.name == "fashion-mnist":
+        return _fashion_mnist(cfg, with_train)
+    if cfg.name in ("cifar10", "cifar100"):
+        return _cifar(cfg)
+    if cfg.name == "imagefolder":
+        return _image_folder(cfg)
+    return _random(cfg, seed)
+
+
+def _normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    default_mean, default_std = dataset_stats(cfg.name, cfg.in_chans)
+    return (tuple(cfg.mean) if cfg.mean is not None else default_mean,
+            tuple(cfg.std) if cfg.std is not None else default_std)
+
+
+def load_test_split(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, list[str], tuple[float, ...], tuple[float, ...]]:
+    """The test split (eval transforms), its class names and the normalisation, without reading the
+    training split where the dataset allows it: what a data-free job may know of the data."""
+    _, val, class_names = _splits(cfg, seed, with_train=False)
+    mean, std = _normalization(cfg)
+    val.transform = build_transforms(cfg, False, mean, std)  # type: ignore[attr-defined]
+    return val, class_names, mean, std
+
+
 def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0) -> DataBundle:
     """Build train/val datasets, the class-balanced train subset, transforms and Mixup from ``cfg``.
 
-    The subset uses ``cfg.subset_seed`` when set, else ``seed`` (the run seed).
+    The subset uses ``cfg.subset_seed`` when set, else ``seed`` (the run seed). With ``cfg.synthetic`` the
+    train split is that file's images and the real one is not read (Fashion-MNIST, random).
     """
-    if cfg.name not in DATASET_NAMES:
-        raise DataError(f"data.name='{cfg.name}' is not a known dataset; valid: {', '.join(DATASET_NAMES)}")
     if not 0.0 < cfg.fraction <= 1.0:
         raise DataError(f"data.fraction={cfg.fraction} must be in (0, 1]")
-    if cfg.in_chans not in (1, 3):
-        raise DataError(f"data.in_chans={cfg.in_chans} must be 1 or 3")
-
-    train: Dataset
-    val: Dataset
-    if cfg.name == "fashion-mnist":
-        train, val, class_names = _fashion_mnist(cfg)
-    elif cfg.name in ("cifar10", "cifar100"):
-        train, val, class_names = _cifar(cfg)
-    elif cfg.name == "imagefolder":
-        train, val, class_names = _image_folder(cfg)
-    else:
-        train, val, class_names = _random(cfg, seed)
+    train, val, class_names = _splits(cfg, seed, with_train=not cfg.synthetic)
     if cfg.synthetic:
-        train = load_synthetic(cfg.synthetic, cfg.name, len(class_names))
-
-    default_mean, default_std = dataset_stats(cfg.name, cfg.in_chans)
-    mean = tuple(cfg.mean) if cfg.mean is not None else default_mean
-    std = tuple(cfg.std) if cfg.std is not None else default_std
+        train = load_synthetic(cfg, len(class_names))
+    assert train is not None
+    mean, std = _normalization(cfg)
     train.transform = build_transforms(cfg, True, mean, std)  # type: ignore[attr-defined]
     val.transform = build_transforms(cfg, False, mean, std)  # type: ignore[attr-defined]
 
