@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint teachers bench clean
+.PHONY: setup data demo demo-full test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ data:
 
 demo: setup data
 	$(VENV)/bin/vitdistill demo
+
+demo-full: setup data
+	$(VENV)/bin/vitdistill demo --full
 
 test: setup data
 	$(PY) -m pytest -q

@@ -53,6 +53,28 @@ def parse_profile_args(doc: str | None, profiles: dict) -> tuple[str, int]:
     return args.profile, args.jobs
 
 
+def threads_per_job(jobs: int) -> int:
+    """The threads each of ``jobs`` processes at once gets, so that together they use every core."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def vitdistill_cli(args: Sequence[str], threads: int | None = None,
+                   what: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m vitdistill *args`` in the repository, output captured as text.
+
+    ``threads`` caps OMP/MKL threads (None: the environment as it is). A non-zero exit raises RuntimeError
+    naming ``what`` (default: the subcommand) with the tail of stderr.
+    """
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads),
+                                        "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-m", "vitdistill", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        what = what or f"vitdistill {args[0]}"
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def run_dir(out: Path, run: Run) -> Path:
     return out / run.name
 
@@ -63,15 +85,12 @@ def _launch(run: Run, out: Path, threads: int) -> dict:
     if summary.exists():
         return json.loads(summary.read_text())
     # the run folder relative to the repository (the cwd), so that run records carry no machine paths
-    cmd = [sys.executable, "-m", "vitdistill", "train", run.config, *run.overrides,
-           f"run.output_dir={os.path.relpath(out, REPO)}", f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
+    cmd = ["train", run.config, *run.overrides, f"run.output_dir={os.path.relpath(out, REPO)}",
+           f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
     if (folder / "last.pt").exists():
         cmd.append("--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {run.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    vitdistill_cli(cmd, threads, what=f"run {run.name}")
     print(f"[{time.strftime('%H:%M:%S')}] done {run.name} in {time.perf_counter() - start:.0f}s", flush=True)
     return json.loads(summary.read_text())
 
@@ -79,7 +98,7 @@ def _launch(run: Run, out: Path, threads: int) -> dict:
 def run_all(runs: Sequence[Run], out: Path, jobs: int) -> dict[str, dict]:
     """Run (or resume, or skip) every run; ``jobs`` processes at once share the cores evenly."""
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(lambda r: _launch(r, out, threads), runs))
     return {r.name: s for r, s in zip(runs, results)}
@@ -118,6 +137,19 @@ def machine() -> str:
 
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def section_header(title: str, command: str, *lines: str, note: str = "") -> list[str]:
+    """The head of a BENCHMARKS.md section: title, the command that wrote it (``note`` after it), the machine,
+    then ``lines`` (setting, compute; each ends in a markdown line break of its own)."""
+    return [f"## {title}", "", f"Command: `{command}`{note}  ", f"Machine: {machine()}  ", *lines]
+
+
+def training_time(results: dict[str, dict], start: float) -> str:
+    """The header line with the training time summed over ``results`` and this invocation's wall time."""
+    hours = sum(s["wall_time_s"] for s in results.values()) / 3600
+    return (f"Training time: {hours:.2f} h summed over runs; wall time of this invocation "
+            f"{(time.perf_counter() - start) / 60:.0f} min (finished runs are reused, not retrained).")
 
 
 def write_section(marker: str, text: str, path: Path = BENCHMARKS_MD) -> None:

@@ -1,4 +1,4 @@
-"""DearKD data-efficiency benchmark on Fashion-MNIST (METHODS.md section 1, issue: DearKD).
+"""DearKD data-efficiency benchmark on Fashion-MNIST (docs/methods.md §1, issue: DearKD).
 
 Methods none / kd / deit / dearkd at several training fractions, plus DearKD ablations at the
 smallest fraction, >= 2 seeds, top-1 (last epoch) on the full 10k test set.
@@ -29,10 +29,11 @@ from common import (
     Run,
     aggregate,
     format_table,
-    machine,
     mean_std,
     parse_profile_args,
     run_all,
+    section_header,
+    training_time,
     write_section,
 )
 
@@ -150,15 +151,14 @@ def main() -> None:
     plot(table, profile["methods"], columns, figure)
     budget = (f"{profile['epochs']} epochs at every fraction (equal epochs)" if "epochs" in profile else
               f"{profile['budget']} training images per run (equal optimisation steps at every fraction)")
-    hours = sum(s["wall_time_s"] for s in results.values()) / 3600
     text = "\n".join([
-        f"## DearKD data efficiency ({profile_name} profile)", "",
-        f"Command: `python benchmarks/dearkd_data_efficiency.py --profile {profile_name} --jobs {jobs}`  ",
-        f"Machine: {machine()}  ",
-        f"Budget: {budget}; batch {profile['batch_size']}; "
-        f"seeds {profile['seeds']}; student vitd_tiny_patch4_28(_distilled), teacher weights/resnetd_small_28_fmnist; "
-        f"top-1 after the last epoch on the full 10k test set, mean ± sample std over seeds.  ",
-        f"Training time: {hours:.2f} h summed over runs; wall time of this invocation {(time.perf_counter() - start) / 60:.0f} min (finished runs are reused, not retrained).", "",
+        *section_header(
+            f"DearKD data efficiency ({profile_name} profile)",
+            f"python benchmarks/dearkd_data_efficiency.py --profile {profile_name} --jobs {jobs}",
+            f"Budget: {budget}; batch {profile['batch_size']}; "
+            f"seeds {profile['seeds']}; student vitd_tiny_patch4_28(_distilled), teacher weights/resnetd_small_28_fmnist; "
+            f"top-1 after the last epoch on the full 10k test set, mean ± sample std over seeds.  ",
+            training_time(results, start)), "",
         format_table(table, groups, columns, "data"), "",
         *(claims(table, columns) if profile_name == "full" else []),
         *(["Equal epochs, not equal images: at the equal-images budgets this machine affords (sections "

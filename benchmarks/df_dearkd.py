@@ -1,4 +1,4 @@
-"""DF-DearKD on Fashion-MNIST (METHODS.md 1.5 and 3): a ViT trained without any real training image.
+"""DF-DearKD on Fashion-MNIST (docs/methods.md §1.5 and §3.6): a ViT trained without any real training image.
 
 For every seed, two synthetic train splits are made from the shipped CNN teacher
 (weights/resnetd_small_28_fmnist): plain DeepInversion, and DeepInversion with DF-DearKD's
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,10 +31,12 @@ from common import (
     Run,
     aggregate,
     format_table,
-    machine,
     mean_std,
     parse_profile_args,
     run_all,
+    section_header,
+    threads_per_job,
+    vitdistill_cli,
     write_section,
 )
 
@@ -70,14 +70,11 @@ def synthesize(out: Path, name: str, seed: int, profile: dict, threads: int) -> 
     folder = set_dir(out, name, seed)
     if (folder / "summary.json").exists():
         return json.loads((folder / "summary.json").read_text())
-    cmd = [sys.executable, "-m", "vitdistill", "synthesize", str(CONFIGS / "synthesize.yaml"), *SETS[name],
+    cmd = ["synthesize", str(CONFIGS / "synthesize.yaml"), *SETS[name],
            f"run.output_dir={os.path.relpath(folder.parent, REPO)}", f"run.name={folder.name}", f"run.seed={seed}",
            f"synthesis.images_per_class={profile['images_per_class']}", f"synthesis.iterations={profile['iterations']}",
            f"synthesis.warmup_iterations={profile['iterations'] // 10}", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"synthesis {folder.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    vitdistill_cli(cmd, threads, what=f"synthesis {folder.name}")
     print(f"[{time.strftime('%H:%M:%S')}] synthesised {folder.name}", flush=True)
     return json.loads((folder / "summary.json").read_text())
 
@@ -100,7 +97,7 @@ def main() -> None:
     profile = PROFILES[profile_name]
     out = REPO / "runs" / "bench" / "df_dearkd" / profile_name
     start = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     todo = [(name, seed) for seed in profile["seeds"] for name in SETS]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         sets = dict(zip(todo, pool.map(lambda t: synthesize(out, *t, profile, threads), todo)))
@@ -119,16 +116,16 @@ def main() -> None:
     real = mean_std(table[("DearKD, as many real images", "top-1")])
     images = profile["images_per_class"] * CLASSES
     text = "\n".join([
-        f"## DF-DearKD, data-free ({profile_name} profile)", "",
-        f"Command: `python benchmarks/df_dearkd.py --profile {profile_name} --jobs {jobs}`  ",
-        f"Machine: {machine()}  ",
-        f"Setting: teacher `weights/resnetd_small_28_fmnist.safetensors`; per seed, {images} synthetic images "
-        f"({profile['images_per_class']} per class, {profile['iterations']} iterations per batch, "
-        f"`configs/fashion_mnist/synthesize.yaml`) or as many real training images (class-balanced); "
-        f"{profile['epochs']} epochs at batch {profile['batch_size']} for every row; seeds {profile['seeds']} (the "
-        f"seed also picks the synthetic set); top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
-        f"Compute: {hours:.2f} h summed over synthesis and training; wall time of this invocation "
-        f"{(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone).", "",
+        *section_header(
+            f"DF-DearKD, data-free ({profile_name} profile)",
+            f"python benchmarks/df_dearkd.py --profile {profile_name} --jobs {jobs}",
+            f"Setting: teacher `weights/resnetd_small_28_fmnist.safetensors`; per seed, {images} synthetic images "
+            f"({profile['images_per_class']} per class, {profile['iterations']} iterations per batch, "
+            f"`configs/fashion_mnist/synthesize.yaml`) or as many real training images (class-balanced); "
+            f"{profile['epochs']} epochs at batch {profile['batch_size']} for every row; seeds {profile['seeds']} (the "
+            f"seed also picks the synthetic set); top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
+            f"Compute: {hours:.2f} h summed over synthesis and training; wall time of this invocation "
+            f"{(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone)."), "",
         format_table(table, list(ROWS), ["top-1"], "test"), "",
         *set_lines, "",
         f"DF-DearKD with intra-divergence minus plain DeepInversion: {df[0] - plain[0]:+.2f} points (seed spread "

@@ -1,4 +1,4 @@
-"""SpectralKD on Fashion-MNIST (METHODS.md section 2, issue: SpectralKD): ViT student, CaiT teacher.
+"""SpectralKD on Fashion-MNIST (docs/methods.md §2, issue: SpectralKD): ViT student, CaiT teacher.
 
 Rows, all at equal data and epochs: no KD / soft KD only (fft_weight 0) / SpectralKD with the paper's
 style of pairs (first and last blocks) / SpectralKD with ``auto`` pairs / spatial feature MSE at the
@@ -10,7 +10,7 @@ alone on the same data): the ViT student is trained alone with the teacher's own
 (``teacher_cait.yaml``: all of the data, same epochs, batch and schedule) and compared with the shipped
 teacher evaluated on the same test set.
 
-Then the distillation-dynamics view (METHODS.md 2.4): the teacher, the no-KD student and the
+Then the distillation-dynamics view (docs/methods.md §2.4): the teacher, the no-KD student and the
 SpectralKD student (seed 0) are analysed on the same 1000 class-balanced test images; their
 intensity-vs-depth curves share one figure and each student's closeness to the teacher is recorded.
 
@@ -27,8 +27,6 @@ Runs land in runs/bench/spectralkd/<profile>/<teacher>/; re-running resumes or s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,11 +35,13 @@ from common import (
     Run,
     aggregate,
     format_table,
-    machine,
     mean_std,
     profile_parser,
     run_all,
     run_dir,
+    section_header,
+    training_time,
+    vitdistill_cli,
     write_section,
 )
 
@@ -87,8 +87,7 @@ def teacher_margin(table, teacher: str) -> list[str]:
         source = f"the full profile's records in `{MARGIN_RECORDS.relative_to(REPO)}/`"
     if not alone:
         return []
-    proc = subprocess.run([sys.executable, "-m", "vitdistill", "eval", str(REPO / teacher)], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    proc = vitdistill_cli(["eval", str(REPO / teacher)])
     top1 = json.loads(proc.stdout)["top1"]
     m, sd = mean_std(alone)
     return [f"Teacher margin: the teacher scores {top1:.2f} on the test set; the ViT student trained alone with "
@@ -126,7 +125,6 @@ def main() -> None:
     table = aggregate(runs, results)
     figure_dir = REPO / "benchmarks" / f"spectralkd_dynamics_{profile_name}"
     report = dynamics(runs, out, figure_dir, teacher)
-    hours = sum(s["wall_time_s"] for s in results.values()) / 3600
     soft, spectral = mean_std(table[("soft KD only", "top-1")]), mean_std(table[("SpectralKD, paper-style pairs", "top-1")])
     spatial = mean_std(table[("spatial MSE, same pairs (control)", "top-1")])
     no_kd, distilled = (report["closeness"][label] for label in list(DYNAMICS)[1:])
@@ -136,15 +134,14 @@ def main() -> None:
         c = report["closeness"][label]
         closeness.append(f"| {label} | {c['pearson']:.3f} | {c['mad']:.3f} | {c['log_ratio']:.3f} |")
     text = "\n".join([
-        f"## SpectralKD comparison ({profile_name} profile)", "",
-        f"Command: `python benchmarks/spectralkd_comparison.py --profile {profile_name} --jobs {jobs}"
-        f"{'' if teacher == TEACHER else f' --teacher {teacher}'}`  ",
-        f"Machine: {machine()}  ",
-        f"Setting: student vitd_tiny_patch4_28, teacher `{teacher}`; {profile['fraction']:.0%} of the "
-        f"training set (class-balanced), {profile['epochs']} epochs at batch {profile['batch_size']} for every "
-        f"row; seeds {profile['seeds']}; top-1 after the last epoch on the full 10k test set, mean ± sample std.  ",
-        f"Training time: {hours:.2f} h summed over runs; wall time of this invocation "
-        f"{(time.perf_counter() - start) / 60:.0f} min (finished runs are reused, not retrained).", "",
+        *section_header(
+            f"SpectralKD comparison ({profile_name} profile)",
+            f"python benchmarks/spectralkd_comparison.py --profile {profile_name} --jobs {jobs}"
+            f"{'' if teacher == TEACHER else f' --teacher {teacher}'}",
+            f"Setting: student vitd_tiny_patch4_28, teacher `{teacher}`; {profile['fraction']:.0%} of the "
+            f"training set (class-balanced), {profile['epochs']} epochs at batch {profile['batch_size']} for every "
+            f"row; seeds {profile['seeds']}; top-1 after the last epoch on the full 10k test set, mean ± sample std.  ",
+            training_time(results, start)), "",
         format_table(table, list(METHODS), ["top-1"], "test"), "",
         *teacher_margin(table, teacher),
         f"SpectralKD (paper-style pairs) minus soft KD only: {spectral[0] - soft[0]:+.2f} points "

@@ -10,13 +10,21 @@ the shipped file scores exactly what the table says on the 10k test set.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import REPO, Run, aggregate, machine, mean_std, run_all, run_dir, write_section
+from common import (
+    REPO,
+    Run,
+    aggregate,
+    mean_std,
+    run_all,
+    run_dir,
+    section_header,
+    threads_per_job,
+    vitdistill_cli,
+    write_section,
+)
 
 TEACHERS = {
     # name: (config, shipped weights file)
@@ -47,11 +55,11 @@ def main() -> None:
         m, s = mean_std(table[(t, "fashion-mnist")])
         per_seed = ", ".join(f"s{r.seed}: {results[r.name]['last_top1']:.2f}" for r in rs)
         minutes = sum(results[r.name]["wall_time_s"] for r in rs) / len(rs) / 60
-        lines = [f"## Teacher {t} (Fashion-MNIST, full training set, top-1 on the 10k test set)", "",
-                 f"Command: `python benchmarks/teachers.py --teachers {t} --seeds {' '.join(map(str, args.seeds))} "
-                 f"--jobs {args.jobs}` ({args.jobs} run(s) at a time, {max(1, (os.cpu_count() or 1) // args.jobs)} "
-                 f"thread(s) each)  ",
-                 f"Machine: {machine()}  ", "",
+        lines = [*section_header(
+                     f"Teacher {t} (Fashion-MNIST, full training set, top-1 on the 10k test set)",
+                     f"python benchmarks/teachers.py --teachers {t} --seeds {' '.join(map(str, args.seeds))} "
+                     f"--jobs {args.jobs}",
+                     note=f" ({args.jobs} run(s) at a time, {threads_per_job(args.jobs)} thread(s) each)"), "",
                  "| teacher | config | params | seeds | last top-1 (mean ± std) | per-seed last top-1 | train time per run |",
                  "|---|---|---|---|---|---|---|",
                  f"| {t} | `{TEACHERS[t][0]}` | {results[rs[0].name]['student_params'] / 1e6:.2f}M | "
@@ -59,8 +67,8 @@ def main() -> None:
         shipped = next((r for r in rs if r.seed == 0), None)
         if shipped is not None and not args.no_export:
             weights = REPO / TEACHERS[t][1]
-            subprocess.run([sys.executable, "-m", "vitdistill", "export", str(run_dir(args.out, shipped) / "last.pt"),
-                            str(weights)], check=True, cwd=REPO)
+            export = vitdistill_cli(["export", str(run_dir(args.out, shipped) / "last.pt"), str(weights)])
+            print(export.stdout, end="")
             lines += ["", f"Shipped: `{TEACHERS[t][1]}` = seed 0, last epoch: **top-1 "
                       f"{results[shipped.name]['last_top1']:.2f}** (shipped-teacher-top1 {t} "
                       f"{results[shipped.name]['last_top1']:.2f})."]

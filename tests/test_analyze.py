@@ -15,14 +15,13 @@ from vitdistill.analysis import (
     analyze_layers,
     analyze_models,
     attention_distances,
-    balanced_indices,
-    balanced_loader,
     channel_spectrum,
     select_layer_pairs,
 )
 from vitdistill.cli import main
 from vitdistill.config import load_config
 from vitdistill.data import TensorImageDataset
+from vitdistill.data.subsets import balanced_indices, balanced_loader
 from vitdistill.models import LayerTap, create_model, num_tappable_layers
 
 TINY = {

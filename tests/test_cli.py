@@ -145,3 +145,93 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_cfg_va
     ha = load_checkpoint(tmp_path / "runs" / "uninterrupted" / "last.pt")["history"]
     hb = load_checkpoint(ckpt)["history"]
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+
+
+# -- mistakes a new user makes: one line naming the key, the bad value and what is valid; exit code 2 ------------
+
+def _method_params():
+    from dataclasses import fields
+
+    from vitdistill.methods import get_method, list_methods
+
+    return [(m, f.name) for m in list_methods() for f in fields(get_method(m).Params)]
+
+
+METHOD_CONFIGS = {"none": "student_vit", "kd": "kd", "deit": "deit", "feature_mse": "feature_mse", "dearkd": "dearkd",
+                  "spectralkd": "spectralkd"}
+
+
+def test_every_method_param_exists_in_the_table():
+    from vitdistill.methods import list_methods
+
+    assert set(METHOD_CONFIGS) == set(list_methods())
+    assert len(_method_params()) >= 25  # every method but none has typed params
+
+
+@pytest.mark.parametrize("method,key", _method_params(), ids=lambda x: str(x))
+def test_wrong_type_for_every_method_param_gives_one_line(method, key, capsys, tmp_path):
+    config = f"configs/fashion_mnist/{METHOD_CONFIGS[method]}.yaml"
+    assert main(["train", config, f"run.output_dir={tmp_path}", f"method.params.{key}={{oops: 1}}"]) == 2
+    err = one_error_line(capsys)
+    assert f"method.params.{key}" in err and "{'oops': 1}" in err and "expected" in err, err
+    assert not any(tmp_path.iterdir()), "a refused run must not create its folder"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.params.hidden_weight=abc", "method.params.hidden_weight: expected a number, got 'abc'"),
+    ("method.params.hidden_weight=-1", "method.params.hidden_weight=-1.0 must be >= 0"),
+    ("method.params.alpha=1.5", "method.params.alpha=1.5 must be in [0, 1]"),
+    ("method.params.kd_mode=soft-ish", "method.params.kd_mode: expected one of soft, hard, got 'soft-ish'"),
+    ("method.params.switch_epoch=2.5", "method.params.switch_epoch: expected an integer or null, got 2.5"),
+    ("method.params.hiden_weight=1", "did you mean 'hidden_weight'"),
+    ("method.params.student_layers=[1]", "must be non-empty lists of the same length"),
+])
+def test_bad_method_params_give_one_line(override, message, capsys, tmp_path):
+    assert main(["train", "configs/fashion_mnist/dearkd.yaml", f"run.output_dir={tmp_path}", override]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_yaml_exponent_strings_are_numbers_in_method_params():
+    """YAML 1.1 reads ``1e-2`` (no dot) as a string; typed params coerce it like the config sections do."""
+    from vitdistill.config import load_config
+    from vitdistill.methods import parse_method_params
+
+    cfg = load_config("configs/fashion_mnist/dearkd.yaml", ["method.params.hidden_weight=1e-2"])
+    assert cfg.method.params["hidden_weight"] == "1e-2"
+    assert parse_method_params("dearkd", cfg.method.params).hidden_weight == 0.01
+
+
+def test_cuda_on_a_machine_without_it_gives_one_line(capsys, tmp_path, monkeypatch, tiny_cfg_values):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", write_config(tmp_path, tiny_cfg_values), "train.device=cuda"]) == 2
+    assert "train.device='cuda' but CUDA is not available here; use train.device=cpu or auto" in one_error_line(capsys)
+    assert main(["eval", "weights/resnetd_small_28_fmnist.safetensors", "--device", "cuda:1"]) == 2
+    assert "CUDA is not available" in one_error_line(capsys)
+
+
+def test_a_bad_param_in_a_real_process_is_one_line(tmp_path):
+    """What a new user met as a traceback, now one line from the command itself."""
+    proc = subprocess.run([sys.executable, "-m", "vitdistill", "train", "configs/fashion_mnist/dearkd.yaml",
+                           f"run.output_dir={tmp_path}", "method.params.hidden_weight=x"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("vitdistill train: error: method.params.hidden_weight: expected a number, got 'x'")
+
+
+def test_one_epoch_run_of_a_shipped_config_clamps_the_warmup(tmp_path, capsys):
+    """`train.epochs=1` with a config whose warm-up is 2 epochs trains (warm-up: half the run), with a note."""
+    from vitdistill.engine.trainer import Trainer, warmup_epochs
+
+    assert warmup_epochs(2.0, 1, quiet=True) == 0.5 and warmup_epochs(2.0, 3) == 2.0
+    from vitdistill.config import load_config
+
+    cfg = load_config("configs/fashion_mnist/student_vit.yaml",
+                      ["train.epochs=1", "data.fraction=0.01", f"run.output_dir={tmp_path}"])
+    assert cfg.train.warmup_epochs == 2
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.warmup_steps == round(0.5 * trainer.loaders.steps_per_epoch)
+    finally:
+        trainer.close()
+    assert "train.warmup_epochs=2 exceeds train.epochs=1; warming up for 0.5 epochs" in capsys.readouterr().out

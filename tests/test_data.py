@@ -354,3 +354,68 @@ def test_mixup_off_by_default_and_timm_mixup_when_on():
     mx, my = b.mixup_fn(x, y)
     assert mx.shape == x.shape and my.shape == (8, 10)
     assert torch.allclose(my.sum(1), torch.ones(8)) and my.max() < 1.0  # soft, smoothed targets
+
+
+# ----------------------------------------------------------------------------- mixup / cutmix change the batch
+# timm's Mixup (mode "batch", the one build_mixup makes) mixes image i with image B-1-i, i.e. with
+# x.flip(0), in place, and returns targets lam * onehot(y) + (1 - lam) * onehot(y.flip(0))
+# (timm/data/mixup.py: Mixup._mix_batch and mixup_target).
+
+
+def _batch_and_mixup(augment: AugmentConfig, batch: int = 8):
+    b = build_data(DataConfig(name="random", augment=augment), seed=0)
+    x = torch.stack([b.train[i][0] for i in range(batch)])
+    y = torch.arange(batch)  # distinct labels: y[i] != y[B-1-i], so lam can be read off the targets
+    return b, x, y
+
+
+def _soft_targets_ok(my, batch, num_classes):
+    assert my.shape == (batch, num_classes)
+    torch.testing.assert_close(my.sum(1), torch.ones(batch))
+    assert (my >= 0).all()
+
+
+def test_mixup_blends_the_batch_with_its_reverse():
+    np.random.seed(0)  # timm draws lam with numpy
+    b, x, y = _batch_and_mixup(AugmentConfig(mixup=0.8))
+    assert b.mixup_fn is not None and b.num_classes == 10
+    mx, my = b.mixup_fn(x.clone(), y)  # timm mixes in place: keep the input
+    assert mx.shape == x.shape and not torch.equal(mx, x)
+    _soft_targets_ok(my, 8, 10)
+    lam = my[0, y[0]].item()
+    assert 0.0 < lam < 1.0
+    rows = torch.arange(8)
+    torch.testing.assert_close(my[rows, y], torch.full((8,), lam))
+    torch.testing.assert_close(my[rows, y.flip(0)], torch.full((8,), 1 - lam))
+    torch.testing.assert_close(mx, lam * x + (1 - lam) * x.flip(0), atol=1e-5, rtol=0)
+
+
+def test_cutmix_pastes_a_box_from_the_reverse_batch():
+    np.random.seed(0)
+    b, x, y = _batch_and_mixup(AugmentConfig(cutmix=1.0))
+    assert b.mixup_fn is not None
+    mx, my = b.mixup_fn(x.clone(), y)
+    assert mx.shape == x.shape and not torch.equal(mx, x)
+    _soft_targets_ok(my, 8, 10)
+    lam = my[0, y[0]].item()
+    assert 0.0 < lam < 1.0
+    # the changed pixels form one box, the same in every image, filled from the reversed batch
+    changed = (mx != x).any(0).any(0)
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+    expected = x.clone()
+    expected[:, :, box[0], box[1]] = x.flip(0)[:, :, box[0], box[1]]
+    assert torch.equal(mx, expected)
+    # the targets give the box its share of the label: 1 - lam = box area / image area
+    area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+    assert 1 - lam == pytest.approx(area / (28 * 28), abs=1e-6)
+    torch.testing.assert_close(my[torch.arange(8), y.flip(0)], torch.full((8,), 1 - lam))
+
+
+def test_no_mixup_function_when_mixup_and_cutmix_are_zero():
+    from vitdistill.data import build_mixup
+
+    off = DataConfig(name="random", augment=AugmentConfig(mixup=0.0, cutmix=0.0, random_erasing=0.5, hflip=0.5))
+    assert build_data(off, seed=0).mixup_fn is None
+    assert build_mixup(off, num_classes=10) is None
+    assert build_mixup(DataConfig(augment=AugmentConfig(cutmix=0.5)), num_classes=10) is not None

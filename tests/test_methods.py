@@ -5,8 +5,9 @@ import csv
 import pytest
 import torch
 
-from vitdistill.config import config_from_dict
-from vitdistill.engine import Trainer, load_checkpoint, train
+from vitdistill.config import ConfigError, config_from_dict
+from vitdistill.engine import load_checkpoint
+from vitdistill.engine.trainer import Trainer, train
 from vitdistill.methods import MethodError, build_method, list_methods
 from vitdistill.methods.dearkd import DearKD
 from vitdistill.models import create_model
@@ -35,21 +36,21 @@ def small_models():
 def test_registry_lists_methods_and_rejects_bad_params():
     assert {"none", "kd", "deit", "feature_mse", "dearkd"} <= set(list_methods())
     student, teacher = small_models()
-    with pytest.raises(MethodError, match=r"unknown params \['switch'\]; valid: .*'switch_epoch'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'method.params.switch'; did you mean 'switch_epoch'\?"):
         build_method("dearkd", {"switch": 3}, student, teacher, epochs=6)
     with pytest.raises(MethodError, match="needs a teacher"):
         build_method("kd", {}, student, None)
     plain = create_model("vitd_tiny_patch4_28", num_classes=10, in_chans=1, img_size=28, depth=1, embed_dim=32, num_heads=2)
     with pytest.raises(MethodError, match="needs a student with a distillation token"):
         build_method("deit", {}, plain, teacher)
-    with pytest.raises(MethodError, match=r"switch_epoch=9 must be an integer in \[0, train.epochs=6\]"):
+    with pytest.raises(MethodError, match=r"method.params.switch_epoch=9 must be an integer in \[0, train.epochs=6\]"):
         build_method("dearkd", {"switch_epoch": 9}, student, teacher, epochs=6)
 
 
 def test_dearkd_default_switch_is_five_sixths():
     student, teacher = small_models()
     method = build_method("dearkd", {}, student, teacher, epochs=12)
-    assert method.params["switch_epoch"] == 10
+    assert method.switch_epoch == 10
     assert [method.stage_for_epoch(e) for e in (0, 9, 10, 11)] == [1, 1, 2, 2]
 
 
@@ -64,7 +65,7 @@ def test_deit_head_averages_at_inference():
         assert torch.allclose(method(x), (cls_logits + dist_logits) / 2, atol=1e-6)
         assert not torch.allclose(cls_logits, dist_logits)  # so the check above can fail
     method.train()
-    logits, losses = method(x, torch.randint(0, 10, (4,)), 0)
+    logits, losses = method(x, torch.randint(0, 10, (4,)))
     assert set(losses) == {"ce", "kd"} and logits.shape == (4, 10)
 
 
@@ -110,11 +111,11 @@ def test_dearkd_resume_across_switch_equals_uninterrupted(tmp_path, monkeypatch)
     calls = {"n": 0}
     original = DearKD.forward_train
 
-    def dying(self, images, targets, epoch):
+    def dying(self, images, targets):
         calls["n"] += 1
         if calls["n"] == 30:  # epoch 2 (stage 2) of 18-step epochs
             raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets, epoch)
+        return original(self, images, targets)
 
     monkeypatch.setattr(DearKD, "forward_train", dying)
     cfg = config_from_dict(method_values(tmp_path, "dearkd", params, run="killed"))
@@ -135,9 +136,9 @@ def test_dearkd_resume_across_switch_equals_uninterrupted(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("name, params, student, expected", [
-    ("kd", {"mode": "soft"}, STUDENT["name"].replace("_distilled", ""), {"ce", "kd"}),
-    ("kd", {"mode": "hard"}, STUDENT["name"].replace("_distilled", ""), {"ce", "kd"}),
-    ("deit", {"mode": "soft"}, STUDENT["name"], {"ce", "kd"}),
+    ("kd", {"kd_mode": "soft"}, STUDENT["name"].replace("_distilled", ""), {"ce", "kd"}),
+    ("kd", {"kd_mode": "hard"}, STUDENT["name"].replace("_distilled", ""), {"ce", "kd"}),
+    ("deit", {"kd_mode": "soft"}, STUDENT["name"], {"ce", "kd"}),
     ("feature_mse", {"student_layers": [1], "teacher_layers": [2]}, STUDENT["name"].replace("_distilled", ""),
      {"ce", "feature"}),
     ("dearkd", {"hidden_weight": 0.0}, STUDENT["name"], {"ce", "kd"}),
@@ -149,7 +150,7 @@ def test_methods_train_one_step_with_named_losses(name, params, student, expecte
     method = build_method(name, params, s, teacher, epochs=3)
     method.train()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    logits, losses = method(x, y, 0)
+    logits, losses = method(x, y)
     assert set(losses) == expected and logits.shape == (8, 10)
     sum(losses.values()).backward()
     trainable = [p for m in method.trainable_modules() for p in m.parameters()]
@@ -167,3 +168,30 @@ def test_optimizer_exempts_student_tokens_and_norms_from_weight_decay():
     assert decay_of[id(student.pos_embed)] == 0.0 and decay_of[id(student.dist_token)] == 0.0
     assert decay_of[id(student.blocks[0].attn.qkv.weight)] == 0.05
     assert not {id(p) for p in teacher.parameters()} & set(decay_of)  # the teacher is never optimised
+
+
+def test_the_unregistered_teacher_follows_every_move_of_the_distiller():
+    student, teacher = small_models()
+    method = build_method("kd", {}, create_model("vitd_tiny_patch4_28", num_classes=10, in_chans=1, img_size=28,
+                                                 depth=1, embed_dim=32, num_heads=2), teacher)
+    assert "teacher" not in dict(method.named_children())  # not in the optimizer, checkpoint or DDP
+    method.double()
+    assert {p.dtype for p in teacher.parameters()} == {torch.float64}
+    method.to(torch.float32)
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    method.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_checkpoint_stores_the_student_metadata(tmp_path):
+    from vitdistill.engine import load_trained_model
+
+    values = method_values(tmp_path, "none", {}, epochs=1, student={"name": "vitd_tiny_patch4_28",
+                                                                  "kwargs": STUDENT["kwargs"]})
+    train(config_from_dict(values), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "runs" / "m" / "last.pt")
+    assert ckpt["meta"]["num_classes"] == "10" and ckpt["meta"]["dataset"] == "fashion-mnist"
+    model, data, meta, _ = load_trained_model(tmp_path / "runs" / "m" / "last.pt")
+    assert meta == ckpt["meta"] and model.head.out_features == 10 and data["name"] == "fashion-mnist"
+    prefix = "student."
+    assert all(torch.equal(v, ckpt["model"][prefix + k]) for k, v in model.state_dict().items())

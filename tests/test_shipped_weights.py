@@ -24,6 +24,8 @@ SHIPPED = {
                                  REPO / "weights" / "caitd_small_patch4_28_kd_fmnist.safetensors", 80.0),
 }
 
+FLIPPED_IMAGES_ALLOWED = 5  # of the 10,000 test images: +-0.05 points around BENCHMARKS.md
+
 
 def recorded_top1(name: str) -> float:
     text = (REPO / "BENCHMARKS.md").read_text()
@@ -42,4 +44,7 @@ def test_shipped_teacher_scores_what_benchmarks_md_says(name):
     metrics = evaluate(model, loader, torch.device("cpu"), DistInfo())
     expected = recorded_top1(name)
     assert metrics["top1"] >= floor
-    assert metrics["top1"] == pytest.approx(expected, abs=0.011)  # recorded with 2 decimals; 1 image = 0.01
+    # One test image is 0.01 points. Another BLAS or CPU can sum the logits in a different order and flip
+    # the arg-max of an image or two that sit on a decision boundary; allow that (5 images of 10,000),
+    # nothing more: a different or damaged weight file moves far more than 5 images.
+    assert metrics["top1"] == pytest.approx(expected, abs=FLIPPED_IMAGES_ALLOWED * 100 / 10000)

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitdistill.analysis import analyze_layers, balanced_loader, select_layer_pairs
+from vitdistill.analysis import analyze_layers, select_layer_pairs
 from vitdistill.config import DataConfig, config_from_dict
 from vitdistill.data import build_data
-from vitdistill.engine import load_checkpoint, train
+from vitdistill.data.subsets import balanced_loader
+from vitdistill.engine import load_checkpoint
+from vitdistill.engine.trainer import train
 from vitdistill.losses import soft_kd_loss, spatial_mse_loss, spectral_alignment_loss
 from vitdistill.methods import MethodError, build_method
 from vitdistill.models import LayerTap, create_model
@@ -41,7 +43,7 @@ def batch(n=6):
 def test_losses_match_independent_references():
     x, y = batch()
     m = method({**PAIRS, "alpha": 0.7, "temperature": 2.0, "fft_weight": 0.3})
-    logits, losses = m.forward_train(x, y, 0)
+    logits, losses = m.forward_train(x, y)
     assert set(losses) == {"ce", "kd", "fft"}
     with torch.no_grad():
         s_logits, t_logits = m.student(x), m.teacher(x)
@@ -58,7 +60,7 @@ def test_losses_match_independent_references():
     assert losses["kd"] > 0 and losses["fft"] > 0  # so the comparisons above can fail
 
     spatial = method({**PAIRS, "alpha": 0.7, "temperature": 2.0, "fft_weight": 0.3, "feature_loss": "spatial"})
-    _, s_losses = spatial.forward_train(x, y, 0)
+    _, s_losses = spatial.forward_train(x, y)
     assert set(s_losses) == {"ce", "kd", "feature"}
     ref = spatial_mse_loss([s_maps[i] for i in PAIRS["student_layers"]], [t_maps[i] for i in PAIRS["teacher_layers"]])
     assert torch.allclose(s_losses["feature"], 0.3 * ref, rtol=1e-5)
@@ -68,13 +70,13 @@ def test_losses_match_independent_references():
 def test_no_kd_no_fft_is_label_smoothed_ce_and_hard_mode_uses_argmax():
     x, y = batch()
     m = method({**PAIRS, "alpha": 0.0, "fft_weight": 0.0})
-    logits, losses = m.forward_train(x, y, 0)
+    logits, losses = m.forward_train(x, y)
     total = sum(losses.values())
     assert torch.allclose(total, F.cross_entropy(logits, y, label_smoothing=0.1), atol=1e-6)
     assert losses["kd"] == 0 and losses["fft"] == 0
 
     hard = method({**PAIRS, "alpha": 1.0, "kd_mode": "hard", "fft_weight": 0.0})
-    logits, losses = hard.forward_train(x, y, 0)
+    logits, losses = hard.forward_train(x, y)
     with torch.no_grad():
         t_top = hard.teacher(x).argmax(1)
     assert torch.allclose(losses["kd"], F.cross_entropy(logits, t_top), atol=1e-6)
@@ -85,7 +87,7 @@ def test_teacher_gets_no_gradients_and_student_does():
     x, y = batch()
     m = method({**PAIRS, "fft_weight": 1.0})
     m.train()
-    _, losses = m(x, y, 0)
+    _, losses = m(x, y)
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
     assert all(p.grad is not None for p in m.student.parameters() if p.requires_grad)
@@ -93,7 +95,7 @@ def test_teacher_gets_no_gradients_and_student_does():
     # the feature term alone reaches the student's first block
     m.zero_grad()
     only_fft = method({**PAIRS, "alpha": 0.0, "fft_weight": 1.0})
-    _, losses = only_fft.forward_train(x, y, 0)
+    _, losses = only_fft.forward_train(x, y)
     losses["fft"].backward()
     assert only_fft.student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
@@ -128,7 +130,7 @@ def test_auto_pairs_are_valid_deterministic_and_follow_the_teacher_intensity(sma
     a, b = method(params), method(params)
     assert a.pairs == [] and a.s_tap is None
     with pytest.raises(MethodError, match="prepare"):
-        a.forward_train(*batch(), 0)
+        a.forward_train(*batch())
     rng = torch.get_rng_state()
     a.prepare(small_train_set, seed=5)
     assert torch.equal(rng, torch.get_rng_state())  # the training RNG stream is untouched
@@ -143,7 +145,7 @@ def test_auto_pairs_are_valid_deterministic_and_follow_the_teacher_intensity(sma
     stats = analyze_layers(a.teacher, balanced_loader(small_train_set, 60, 5, batch_size=60), max_images=60,
                            progress=False)
     assert a.pairs == select_layer_pairs([stats[i]["intensity"] for i in range(6)], 4, 2, 1)
-    _, losses = a.forward_train(*batch(), 0)
+    _, losses = a.forward_train(*batch())
     assert set(losses) == {"ce", "kd", "fft"} and math.isfinite(losses["fft"].item())
 
 

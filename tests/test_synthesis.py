@@ -155,8 +155,26 @@ def synth_cfg(tmp_path):
     return lambda *extra: load_config("configs/fashion_mnist/synthesize.yaml", overrides + list(extra))
 
 
+def _teacher_hits_on_stored_set(cfg, path) -> torch.Tensor:
+    """Whether the teacher classifies each stored image as its label, measured here: the uint8 set read back
+    through the data pipeline (``data.synthetic``, normalised as for training) and the teacher rebuilt from
+    its file."""
+    cfg.data.synthetic = str(path)
+    train_split = build_data(cfg.data, seed=0).train
+    stored = load_file(str(path))
+    assert torch.equal(train_split.targets, stored["labels"])
+    images = torch.stack([train_split[i][0] for i in range(len(train_split))])
+    teacher = create_model(cfg.teacher.name, num_classes=10, in_chans=1, img_size=28)
+    load_checkpoint(teacher, cfg.teacher.checkpoint)
+    with torch.no_grad():
+        return teacher.eval()(images).argmax(1) == stored["labels"]
+
+
 def test_synthesize_writes_the_set_and_a_resumed_job_equals_an_uninterrupted_one(synth_cfg, tmp_path, monkeypatch):
-    summary = run_synthesis(synth_cfg(), quiet=True)
+    # the trained teacher: after 3 iterations it gets some of each batch right and some wrong (a random
+    # teacher calls nearly everything one class, which any set of images would score alike)
+    trained = f"teacher.checkpoint={REPO / 'weights' / 'resnetd_small_28_fmnist.safetensors'}"
+    summary = run_synthesis(synth_cfg(trained), quiet=True)
     run = tmp_path / "runs" / "syn"
     full = load_file(str(run / "images.safetensors"))
     assert full["images"].dtype == torch.uint8 and full["images"].shape == (40, 1, 28, 28)
@@ -165,22 +183,48 @@ def test_synthesize_writes_the_set_and_a_resumed_job_equals_an_uninterrupted_one
     assert {"samples.png", "synthesis.csv", "summary.json", "config.yaml"} <= {p.name for p in run.iterdir()}
     rows = (run / "synthesis.csv").read_text().splitlines()
     assert len(rows) == 1 + 5  # header + one line per batch of 8
-    per_batch = [float(r.split(",")[rows[0].split(",").index("teacher_top1")]) for r in rows[1:]]
-    assert summary["teacher_top1_on_synthetic"] == pytest.approx(sum(per_batch) / 5)  # equal batches, same images
+    # the recorded top-1, per batch and overall, is the teacher's on the stored (uint8) images, to the image
+    hits = _teacher_hits_on_stored_set(synth_cfg(trained), run / "images.safetensors").float()
+    per_batch = [100.0 * float(h.mean()) for h in hits.split(8)]
+    assert 0 < min(per_batch) < max(per_batch) < 100  # varied, so misplaced images or labels would show
+    column = rows[0].split(",").index("teacher_top1")
+    assert [float(r.split(",")[column]) for r in rows[1:]] == pytest.approx(per_batch, abs=1e-6)
+    top1 = 100.0 * float(hits.mean())
+    assert summary["teacher_top1_on_synthetic"] == pytest.approx(top1, abs=1e-6)
+    assert json.loads((run / "summary.json").read_text())["teacher_top1_on_synthetic"] == pytest.approx(top1, abs=1e-6)
     # an interrupted job: two shards never written; the rerun makes only those, identically
     for shard in ("batch_00001.safetensors", "batch_00004.safetensors"):
         (run / "shards" / shard).unlink()
     (run / "images.safetensors").unlink()
-    calls = []
+    remade = []
     original = synthesis.synthesize_batch
-    monkeypatch.setattr(synthesis, "synthesize_batch", lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
-    run_synthesis(synth_cfg(), quiet=True)
-    assert calls == [1_000_003 * 0 + 1, 4]  # run.seed 0: batch b is seeded with b
+    monkeypatch.setattr(synthesis, "synthesize_batch",
+                        lambda teacher, labels, *a, **k: remade.append(labels.tolist()) or original(teacher, labels, *a, **k))
+    run_synthesis(synth_cfg(trained), quiet=True)
+    assert remade == [full["labels"][8:16].tolist(), full["labels"][32:40].tolist()]  # batches 1 and 4 only
     resumed = load_file(str(run / "images.safetensors"))
     assert torch.equal(resumed["images"], full["images"]) and torch.equal(resumed["labels"], full["labels"])
     # shards made under another config are never mixed in
     with pytest.raises(ConfigError, match="made with another synthesis config"):
-        run_synthesis(synth_cfg("synthesis.lr=0.05"), quiet=True)
+        run_synthesis(synth_cfg(trained, "synthesis.lr=0.05"), quiet=True)
+
+
+def test_synthesis_noise_differs_per_batch_and_per_seed_and_repeats_for_the_same_config(synth_cfg, tmp_path):
+    # 40 images in two batches of 20 that hold the same labels (2 of each class): only their noise differs
+    def images(name, *extra):
+        run_synthesis(synth_cfg("synthesis.batch_size=20", f"run.name={name}", *extra), quiet=True)
+        return load_file(str(tmp_path / "runs" / name / "images.safetensors"))
+
+    a, again = images("a"), images("again")
+    assert torch.equal(a["labels"][:20], a["labels"][20:])
+    assert not torch.equal(a["images"][:20], a["images"][20:])  # each batch starts from its own noise
+    # the same config in a fresh folder: the same images, byte for byte (the file's header is not: safetensors
+    # writes its metadata keys in hash order)
+    assert torch.equal(again["images"], a["images"]) and torch.equal(again["labels"], a["labels"])
+    other = images("other", "run.seed=1")
+    assert torch.equal(other["labels"], a["labels"])
+    for mine in (other["images"][:20], other["images"][20:]):  # another run seed shares no batch's noise
+        assert not torch.equal(mine, a["images"][:20]) and not torch.equal(mine, a["images"][20:])
 
 
 def test_synthetic_set_is_a_train_split_and_trains(synth_cfg, tmp_path):

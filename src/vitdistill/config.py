@@ -7,9 +7,6 @@ key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from typing import Any
 import yaml
 
 from .io import atomic_write_text
+from .schema import ConfigError, check, parse_section
 
 #: the source checkout (for an editable install): configs/ and weights/ paths also resolve against it
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +27,6 @@ def resolve_path(path: str | Path) -> Path:
     if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists():
         return p
     return REPO_ROOT / p
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the bad value and what is valid."""
 
 
 @dataclass
@@ -162,80 +156,8 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert) a YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {sorted(_field_types(tp))}, got {value!r}")
-        return _build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    types_ = _field_types(cls)
-    for key in values:
-        if key not in types_:
-            close = difflib.get_close_matches(str(key), list(types_), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            prefix = f"{where}." if where else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} valid keys: {sorted(types_)}")
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(values: dict[str, Any]) -> Config:
-    cfg = _build(Config, values or {}, "")
+    cfg = parse_section(Config, values or {}, "")
     validate(cfg)
     return cfg
 
@@ -286,61 +208,61 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: Config) -> None:
-    d, t = cfg.data, cfg.train
-    _check(0.0 < d.fraction <= 1.0, f"data.fraction={d.fraction} must be in (0, 1]")
-    _check(d.in_chans in (1, 3), f"data.in_chans={d.in_chans} must be 1 or 3")
-    _check(d.img_size >= 8, f"data.img_size={d.img_size} must be at least 8")
-    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be at least 1")
-    _check(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size} must be at least 1")
-    _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+def validate_data(d: DataConfig) -> None:
+    """The checks of a data section alone (also run by ``data.build_data`` on a section built in Python)."""
+    check(0.0 < d.fraction <= 1.0, f"data.fraction={d.fraction} must be in (0, 1]")
+    check(d.in_chans in (1, 3), f"data.in_chans={d.in_chans} must be 1 or 3")
+    check(d.img_size >= 8, f"data.img_size={d.img_size} must be at least 8")
+    check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be at least 1")
+    check(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size} must be at least 1")
+    check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     for name in ("mean", "std"):
         v = getattr(d, name)
-        _check(v is None or len(v) == d.in_chans, f"data.{name}={v} must have data.in_chans={d.in_chans} values")
+        check(v is None or len(v) == d.in_chans, f"data.{name}={v} must have data.in_chans={d.in_chans} values")
     a = d.augment
     for name in ("hflip", "random_erasing"):
         p = getattr(a, name)
-        _check(0.0 <= p <= 1.0, f"data.augment.{name}={p} must be a probability in [0, 1]")
-    _check(a.mixup >= 0 and a.cutmix >= 0, "data.augment.mixup and cutmix must be >= 0")
-    _check(not (a.mixup or a.cutmix) or d.batch_size % 2 == 0,
+        check(0.0 <= p <= 1.0, f"data.augment.{name}={p} must be a probability in [0, 1]")
+    check(a.mixup >= 0 and a.cutmix >= 0, "data.augment.mixup and cutmix must be >= 0")
+    check(not (a.mixup or a.cutmix) or d.batch_size % 2 == 0,
            f"data.batch_size={d.batch_size} must be even when mixup/cutmix is on (timm Mixup pairs images)")
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.train
+    validate_data(cfg.data)
     m = cfg.model.mhca
-    _check(0.0 <= m.pos_drop < 1.0, f"model.mhca.pos_drop={m.pos_drop} must be in [0, 1)")
-    _check(m.locality_strength >= 0, f"model.mhca.locality_strength={m.locality_strength} must be >= 0")
-    _check(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
-    _check(t.lr > 0, f"train.lr={t.lr} must be positive")
-    _check(0 <= t.warmup_epochs <= t.epochs, f"train.warmup_epochs={t.warmup_epochs} must be in [0, train.epochs={t.epochs}]")
-    _check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
-    _check(t.clip_grad is None or t.clip_grad > 0, f"train.clip_grad={t.clip_grad} must be positive or null")
-    _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in (0, 1)")
-    _check(t.amp_dtype in ("bfloat16", "float16"), f"train.amp_dtype='{t.amp_dtype}' must be bfloat16 or float16")
-    _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be at least 1")
-    _check(t.log_interval >= 1, f"train.log_interval={t.log_interval} must be at least 1")
+    check(0.0 <= m.pos_drop < 1.0, f"model.mhca.pos_drop={m.pos_drop} must be in [0, 1)")
+    check(m.locality_strength >= 0, f"model.mhca.locality_strength={m.locality_strength} must be >= 0")
+    check(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
+    check(t.lr > 0, f"train.lr={t.lr} must be positive")
+    check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0 (longer than the run: half the run)")
+    check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    check(t.clip_grad is None or t.clip_grad > 0, f"train.clip_grad={t.clip_grad} must be positive or null")
+    check(0.0 < t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in (0, 1)")
+    check(t.amp_dtype in ("bfloat16", "float16"), f"train.amp_dtype='{t.amp_dtype}' must be bfloat16 or float16")
+    check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be at least 1")
+    check(t.log_interval >= 1, f"train.log_interval={t.log_interval} must be at least 1")
     dev = t.device
-    _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
-    _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be >= 1 or null")
+    check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
+    check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be >= 1 or null")
     y = cfg.synthesis
     for name in ("images_per_class", "per_class", "batch_size", "iterations"):
-        _check(getattr(y, name) >= 1, f"synthesis.{name}={getattr(y, name)} must be at least 1")
-    _check(y.batch_size % y.per_class == 0,
+        check(getattr(y, name) >= 1, f"synthesis.{name}={getattr(y, name)} must be at least 1")
+    check(y.batch_size % y.per_class == 0,
            f"synthesis.batch_size={y.batch_size} must be a multiple of synthesis.per_class={y.per_class}")
-    _check(y.images_per_class % y.per_class == 0,
+    check(y.images_per_class % y.per_class == 0,
            f"synthesis.images_per_class={y.images_per_class} must be a multiple of synthesis.per_class={y.per_class}")
-    _check(y.lr > 0, f"synthesis.lr={y.lr} must be positive")
-    _check(0 <= y.warmup_iterations < y.iterations,
+    check(y.lr > 0, f"synthesis.lr={y.lr} must be positive")
+    check(0 <= y.warmup_iterations < y.iterations,
            f"synthesis.warmup_iterations={y.warmup_iterations} must be in [0, synthesis.iterations={y.iterations})")
-    _check(y.jitter >= 0, f"synthesis.jitter={y.jitter} must be >= 0")
-    _check(y.boundary in ("feature", "logit", "none"), f"synthesis.boundary='{y.boundary}' must be feature, logit or none")
+    check(y.jitter >= 0, f"synthesis.jitter={y.jitter} must be >= 0")
+    check(y.boundary in ("feature", "logit", "none"), f"synthesis.boundary='{y.boundary}' must be feature, logit or none")
     for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "diversity_weight", "boundary_weight"):
-        _check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
+        check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
     feature_boundary = y.boundary == "feature" and y.boundary_weight > 0
-    _check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
+    check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
            f"synthesis.per_class={y.per_class}: intra-divergence and the feature boundary need at least 2 images "
            "of a class per batch")
-    _check(not feature_boundary or y.batch_size // y.per_class >= 2,
+    check(not feature_boundary or y.batch_size // y.per_class >= 2,
            f"synthesis.batch_size={y.batch_size} holds one class: the feature boundary needs at least 2 classes per batch")

@@ -1,4 +1,4 @@
-"""``vitdistill synthesize``: a labelled training set made from a teacher alone (DF-DearKD, METHODS.md 1.5).
+"""``vitdistill synthesize``: a labelled training set made from a teacher alone (DF-DearKD, docs/methods.md §1.5).
 
 Pixels are optimised so that the teacher classifies them as their target labels while every BatchNorm
 layer sees the statistics it stored in training (DeepInversion), under total-variation and L2 priors,
@@ -22,16 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import Config, ConfigError, SynthesisConfig, save_config
 from .data import load_test_split
 from .engine.distributed import resolve_device
-from .engine.trainer import build_model, cosine_with_warmup, seed_everything
-from .io import atomic_open, atomic_write_text
+from .errors import VitdistillError
+from .io import atomic_open, atomic_write_text, read_safetensors, write_safetensors
 from .losses.inversion import (
     BatchNormStatistics,
     boundary_preserving_loss,
@@ -40,13 +37,16 @@ from .losses.inversion import (
     logit_margin_loss,
     total_variation_l2,
 )
+from .models.factory import build_model
+from .rng import seed_everything
+from .schedule import cosine_with_warmup
 
 __all__ = ["SynthesisError", "class_diversity", "run_synthesis", "synthesis_labels", "synthesize_batch"]
 
 LOSS_TERMS = ("ce", "bn", "tv", "l2", "diversity", "boundary")
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(VitdistillError, RuntimeError):
     """The optimisation of a batch diverged."""
 
 
@@ -193,7 +193,7 @@ def run_synthesis(cfg: Config, quiet: bool = False) -> dict[str, Any]:
     for b in range(n_batches):
         shard = run_dir / "shards" / f"batch_{b:05d}.safetensors"
         if shard.exists():
-            if _metadata(shard).get("fingerprint") != fingerprint:
+            if read_safetensors(shard)[1].get("fingerprint") != fingerprint:
                 raise ConfigError(f"'{shard}' was made with another synthesis config, teacher, data or seed; use a "
                                   f"new run.name, or delete '{run_dir / 'shards'}' to start this run over")
             continue
@@ -204,9 +204,8 @@ def run_synthesis(cfg: Config, quiet: bool = False) -> dict[str, Any]:
         stored = from_uint8(images, mean, std).to(device)
         terms["teacher_top1"] = 100.0 * float((_predict(teacher, stored) == batch_labels).float().mean())
         terms["seconds"] = time.perf_counter() - t0
-        with atomic_open(shard) as f:
-            f.write(safetensors_bytes({"images": images, "labels": batch_labels.cpu()},
-                                      metadata={"terms": json.dumps(terms), "fingerprint": fingerprint}))
+        write_safetensors(shard, {"images": images, "labels": batch_labels.cpu()},
+                          {"terms": json.dumps(terms), "fingerprint": fingerprint})
         if not quiet:
             print(f"synthesize batch {b + 1}/{n_batches}: " + " ".join(f"{k} {v:.4g}" for k, v in terms.items()),
                   flush=True)
@@ -218,15 +217,14 @@ def _assemble(cfg: Config, run_dir: Path, shards: list[Path], teacher: nn.Module
               normalization: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device,
               seconds: float) -> dict[str, Any]:
     """Join the shards into images.safetensors and write the per-batch log, the sample grid and a summary."""
-    tensors = [load_file(str(p)) for p in shards]
-    terms = [json.loads(_metadata(p)["terms"]) for p in shards]
+    tensors, metas = zip(*(read_safetensors(p) for p in shards))
+    terms = [json.loads(m["terms"]) for m in metas]
     images = torch.cat([t["images"] for t in tensors])
     labels = torch.cat([t["labels"] for t in tensors])
     d = cfg.data
     meta = {"dataset": d.name, "in_chans": str(d.in_chans), "img_size": str(d.img_size),
-            "fingerprint": _metadata(shards[0])["fingerprint"]}
-    with atomic_open(run_dir / "images.safetensors") as f:
-        f.write(safetensors_bytes({"images": images, "labels": labels}, metadata=meta))
+            "fingerprint": metas[0]["fingerprint"]}
+    write_safetensors(run_dir / "images.safetensors", {"images": images, "labels": labels}, meta)
     columns = ["batch", *terms[0]]
     atomic_write_text(run_dir / "synthesis.csv", "\n".join(
         [",".join(columns)] + [",".join([str(b)] + [f"{t[k]:.6g}" for k in columns[1:]]) for b, t in enumerate(terms)]) + "\n")
@@ -244,8 +242,3 @@ def _assemble(cfg: Config, run_dir: Path, shards: list[Path], teacher: nn.Module
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})

@@ -7,7 +7,6 @@ ResNet stem + stages).
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
@@ -16,64 +15,12 @@ import numpy as np
 import torch
 from timm.layers import Attention
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..models import LayerTap, layer_module_name, num_tappable_layers
 from ..models.mhca import MHCAttention, attention_probs
+from ..models.taps import LayerTap, layer_module_name, model_patch_grid, num_tappable_layers, place_tokens
 from .spectrum import SpectrumAccumulator, average_attention_distance, normalized_depth
 
-__all__ = ["analyze_layers", "attention_distances", "balanced_indices", "balanced_loader", "block_paths",
-           "dataset_targets", "layer_table"]
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def dataset_targets(dataset: Dataset) -> list[int]:
-    """Integer labels of every item: ``.targets`` when the dataset has them (also through ``Subset``),
-    else by iterating the dataset (slow: loads every item)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return [int(t) for t in torch.as_tensor(targets).flatten().tolist()]
-    if isinstance(dataset, Subset):
-        parent = dataset_targets(dataset.dataset)
-        return [parent[int(i)] for i in dataset.indices]
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
-
-
-def balanced_indices(targets: Sequence[int] | Tensor, n_images: int, seed: int) -> list[int]:
-    """The first ``n_images`` of a seeded class-balanced ordering of ``targets``.
-
-    Every class is shuffled with a private generator seeded by ``seed``, then the classes are
-    interleaved round-robin (one image of each class in turn, classes in sorted order), so any prefix
-    holds the classes in (nearly) equal numbers and each batch mixes classes.
-    """
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
-        raise ValueError(f"n_images must be a positive int, got {n_images!r}")
-    t = torch.as_tensor(targets, dtype=torch.long).flatten()
-    if t.numel() == 0:
-        raise ValueError("cannot select images from an empty dataset")
-    g = torch.Generator().manual_seed(int(seed))
-    per_class = []
-    for c in torch.unique(t).tolist():
-        members = torch.nonzero(t == c).flatten()
-        per_class.append(members[torch.randperm(members.numel(), generator=g)].tolist())
-    order: list[int] = []
-    for rank in range(max(len(m) for m in per_class)):
-        order.extend(m[rank] for m in per_class if rank < len(m))
-        if len(order) >= n_images:
-            break
-    return order[:n_images]
-
-
-def balanced_loader(dataset: Dataset, n_images: int, seed: int, batch_size: int = 250) -> DataLoader:
-    """A loader over ``min(n_images, len(dataset))`` class-balanced images chosen with ``seed`` (see
-    :func:`balanced_indices`), in that fixed order, single process."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    n = min(int(n_images), len(dataset))  # type: ignore[arg-type]
-    indices = balanced_indices(dataset_targets(dataset), n, seed)
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=0)
+__all__ = ["analyze_layers", "attention_distances", "block_paths", "layer_table"]
 
 
 def _images(batch: Any) -> Tensor:
@@ -231,29 +178,6 @@ def _attention_blocks(model: nn.Module) -> list[nn.Module]:
     return attns
 
 
-def _patch_grid(model: nn.Module, images: Tensor, n_tokens: int) -> tuple[tuple[int, int], int]:
-    """(patch grid, prefix tokens) of an attention input of ``n_tokens`` tokens."""
-    pe = getattr(model, "patch_embed", None)
-    grid = None
-    if pe is not None and getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-        grid = tuple(int(g) for g in pe.dynamic_feat_size(tuple(images.shape[-2:])))
-    elif pe is not None and getattr(pe, "grid_size", None) is not None:
-        grid = (int(pe.grid_size[0]), int(pe.grid_size[1]))
-    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    if grid is not None:
-        patches = grid[0] * grid[1]
-        if n_tokens == patches:  # no prefix tokens in these blocks (CaiT adds its class token later)
-            return grid, 0
-        if n_tokens == patches + prefix:
-            return grid, prefix
-    for p in (prefix, 0):
-        side = math.isqrt(max(n_tokens - p, 0))
-        if side > 0 and side * side == n_tokens - p:
-            return (side, side), p
-    raise ValueError(f"{type(model).__name__}: cannot place {n_tokens} attention tokens on a patch grid "
-                     f"(grid {grid}, {prefix} prefix tokens)")
-
-
 def attention_distances(
     model: nn.Module,
     loader: Iterable,
@@ -279,7 +203,8 @@ def attention_distances(
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             x = args[0] if args else kwargs["x"]
-            grid, prefix = _patch_grid(model, current["images"], x.shape[1])
+            grid, prefix = place_tokens(x.shape[1], int(getattr(model, "num_prefix_tokens", 0) or 0),
+                                        model_patch_grid(model, current["images"].shape[-2:]))
             d = average_attention_distance(fn(attn, x), grid, prefix) * x.shape[0]
             sums[i] = d if sums[i] is None else sums[i] + d
 

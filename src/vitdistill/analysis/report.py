@@ -1,8 +1,8 @@
 """``vitdistill analyze``: layer spectra and intensity of one or more models, written as CSV, PNG and markdown.
 
 The first model is the reference (the teacher): every other model's intensity-vs-depth curve is
-compared with it (``curve_closeness``), which is the distillation-dynamics view of METHODS.md
-section 2.4, and with ``pairs`` the first model's curve proposes SpectralKD layer pairs for the
+compared with it (``curve_closeness``), which is the distillation-dynamics view of docs/methods.md
+§2.4, and with ``pairs`` the first model's curve proposes SpectralKD layer pairs for the
 second (``select_layer_pairs``). :func:`analyze_models` is the Python API; :func:`load_models`
 turns command-line model specs into models and test-split loaders.
 """
@@ -15,7 +15,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ import numpy as np
 import yaml
 from torch import nn
 
+from ..data.subsets import balanced_loader
+from ..errors import VitdistillError
 from ..io import atomic_write_text
 from ..models import num_tappable_layers
-from .model_analysis import analyze_layers, attention_distances, balanced_loader, block_paths
+from .model_analysis import analyze_layers, attention_distances, block_paths
 from .plots import plot_attention_distance, plot_intensity, plot_spectra
 from .spectrum import curve_closeness, select_layer_pairs
 
@@ -36,7 +38,7 @@ NAME_PREFIX = "name:"
 TOP_LAYERS = 3
 
 
-class AnalysisError(ValueError):
+class AnalysisError(VitdistillError, ValueError):
     """A user-facing problem with the analysis request (labels, layers, pairs, model specs)."""
 
 
@@ -228,7 +230,7 @@ def _summary_markdown(result: dict[str, Any], description: str, pair_first: Any,
     if description:
         lines += [description, ""]
     lines += [f"Reference (teacher): **{ref}**. Layer intensity = mean over k of the channel spectrum S[k] "
-              "(METHODS.md 2.1); depth is normalised to [0, 1].", ""]
+              "(docs/methods.md §2.1); depth is normalised to [0, 1].", ""]
     for label, m in result["models"].items():
         lines += [f"## {label}", "", f"{m['class']}, {m['n_layers']} layers, {m['n_images']} images.", ""]
         top = ", ".join(f"layer {t['layer']} (depth {t['depth']:.2f}, intensity {t['intensity']:.4g})"
@@ -309,7 +311,6 @@ def _unique(labels: list[str]) -> list[str]:
 
 def load_models(
     specs: Sequence[str],
-    load_checkpoint_model: Callable[[Path, str], tuple[nn.Module, dict[str, Any], Any]],
     labels: Sequence[str] | None = None,
     data: str | None = None,
     data_root: str | None = None,
@@ -321,13 +322,14 @@ def load_models(
     """Models and class-balanced test-split loaders from command-line specs.
 
     A spec is a training checkpoint (.pt), a run folder (its last.pt), an exported .safetensors (all
-    rebuilt by ``load_checkpoint_model``, the CLI's loader) or ``name:MODEL`` (random weights; data
+    rebuilt by ``engine.load_trained_model``) or ``name:MODEL`` (random weights; data
     size from the data config defaults). Each model is analysed on the test split of the data it was
     trained on (``data``/``data_root`` override); models with the same data share one loader. Returns
     ``(models, loaders, datasets)`` keyed by label (``datasets``: the data name per label).
     """
-    from ..config import DataConfig, config_from_dict
-    from ..data import build_data
+    from ..config import DataConfig
+    from ..data import build_data, test_split_config
+    from ..engine import load_trained_model
     from ..models import create_model
 
     for name, value in (("--images", images), ("--batch-size", batch_size)):
@@ -348,16 +350,10 @@ def load_models(
         if spec.startswith(NAME_PREFIX):
             values = dataclasses.asdict(DataConfig())
         else:
-            model, values, _ = load_checkpoint_model(resolve_model_file(spec), device)
-        values = {k: v for k, v in values.items() if k in DataConfig.__dataclass_fields__}
-        if data:
-            values["name"] = data
-        if data_root:
-            values["root"] = data_root
-        values.update(fraction=1.0, augment={}, synthetic=None)  # the test split only
-        key = json.dumps(values, sort_keys=True, default=str)
+            model, values, _, _ = load_trained_model(resolve_model_file(spec), device)
+        cfg = test_split_config(values, data, data_root)
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
         if key not in bundles:
-            cfg = config_from_dict({"data": values}).data
             bundles[key] = (cfg, build_data(cfg, seed=seed))
             loaders[key] = balanced_loader(bundles[key][1].val, images, seed, batch_size)
         cfg, bundle = bundles[key]

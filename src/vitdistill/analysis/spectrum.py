@@ -1,6 +1,6 @@
 """SpectralKD analysis: channel spectra, layer intensity, pair selection, attention distance.
 
-Pure tensor/number functions (METHODS.md section 2.1, 2.2, 2.4); model plumbing and the CLI live
+Pure tensor/number functions (docs/methods.md §2.1, §2.2, §2.4); model plumbing and the CLI live
 elsewhere. Maps are NCHW token maps (prefix tokens dropped, patch tokens reshaped to the grid).
 """
 
@@ -45,7 +45,8 @@ def _per_image_spatial_energy(x: Tensor) -> Tensor:
 
 
 def channel_spectrum(x: Tensor) -> Tensor:
-    """Layer spectrum ``S_l[k]``: 1-D FFT over channels per token, divided by C, magnitude, mean over batch and positions.
+    """Layer spectrum ``S_l[k]``: 1-D FFT over channels per token, divided by C, magnitude, mean over
+    batch and positions (docs/methods.md §2.1).
 
     (B, C, H, W) -> (C,) float32. A map whose every token holds the same value c in all channels gives
     ``|c|`` at k = 0 and 0 elsewhere; ``A cos(2 pi f ch / C)`` over channels gives ``A/2`` at k = f and C - f.
@@ -154,7 +155,7 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 
 def curve_closeness(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """How alike two intensity-vs-depth curves are, in shape and in scale.
+    """How alike two intensity-vs-depth curves are, in shape and in scale (docs/methods.md §2.4).
 
     Both curves are resampled by linear interpolation onto ``normalized_depth(max(len(a), len(b)))``.
     Shape: each curve is min-max normalised to [0, 1] first (a constant curve becomes all zeros);
@@ -204,7 +205,7 @@ def select_layer_pairs(
     n_first: int | float = 2,
     n_last: int | float = 2,
 ) -> list[tuple[int, int]]:
-    """Pick (student_layer, teacher_layer) pairs by the SpectralKD guideline.
+    """Pick (student_layer, teacher_layer) pairs by the SpectralKD guideline (docs/methods.md §2.2).
 
     Rule (deterministic):
 

@@ -15,6 +15,7 @@ from .datasets import (
     load_fashion_mnist,
     load_synthetic,
     load_test_split,
+    test_split_config,
 )
 from .idx import DataError, read_idx
 from .subsets import class_balanced_subset
@@ -48,4 +49,5 @@ __all__ = [
     "load_synthetic",
     "load_test_split",
     "read_idx",
+    "test_split_config",
 ]

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..config import DataConfig
+from ..config import DataConfig, config_from_dict, validate_data
+from ..io import SAFETENSORS_ERRORS, read_safetensors
 from .idx import DataError, read_idx
 from .subsets import class_balanced_subset
 from .transforms import build_mixup, build_transforms, dataset_stats
@@ -341,16 +342,13 @@ def load_synthetic(cfg: DataConfig, num_classes: int) -> TensorImageDataset:
     """The images ``cfg.synthetic`` written by ``vitdistill synthesize`` (safetensors: uint8 ``images``
     (N, C, H, W), int64 ``labels``) as a train split for ``cfg.name``, whose test split and classes they
     were made for, at ``cfg.img_size`` and ``cfg.in_chans``."""
-    from safetensors import SafetensorError, safe_open
-
     p = Path(str(cfg.synthetic)).expanduser()
     if not p.is_file():
         raise DataError(f"data.synthetic '{p}' does not exist; write it with `vitdistill synthesize CONFIG`")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            images, labels = f.get_tensor("images"), f.get_tensor("labels")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        tensors, meta = read_safetensors(p)
+        images, labels = tensors["images"], tensors["labels"]
+    except (*SAFETENSORS_ERRORS, KeyError) as e:
         raise DataError(f"data.synthetic '{p}' is not a synthesised image file ({type(e).__name__}: {e})") from None
     if meta.get("dataset") != cfg.name:
         raise DataError(f"data.synthetic '{p}' was synthesised for dataset '{meta.get('dataset')}', "
@@ -381,8 +379,6 @@ def _splits(cfg: DataConfig, seed: int, with_train: bool) -> tuple[Dataset | Non
     """(train, test, class names); ``with_train=False`` reads no training image (Fashion-MNIST, random)."""
     if cfg.name not in DATASET_NAMES:
         raise DataError(f"data.name='{cfg.name}' is not a known dataset; valid: {', '.join(DATASET_NAMES)}")
-    if cfg.in_chans not in (1, 3):
-        raise DataError(f"data.in_chans={cfg.in_chans} must be 1 or 3")
     if cfg.name == "fashion-mnist":
         return _fashion_mnist(cfg, with_train)
     if cfg.name in ("cifar10", "cifar100"):
@@ -398,9 +394,22 @@ def _normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...
             tuple(cfg.std) if cfg.std is not None else default_std)
 
 
+def test_split_config(values: dict[str, Any], name: str | None = None, root: str | None = None) -> DataConfig:
+    """The data section that evaluates a model trained with data section ``values`` (a dict; unknown keys
+    dropped): its test split only (no subset, augmentation or synthetic set), ``name``/``root`` overriding."""
+    values = {k: v for k, v in values.items() if k in DataConfig.__dataclass_fields__}
+    if name:
+        values["name"] = name
+    if root:
+        values["root"] = root
+    values.update(fraction=1.0, augment={}, synthetic=None)
+    return config_from_dict({"data": values}).data
+
+
 def load_test_split(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, list[str], tuple[float, ...], tuple[float, ...]]:
     """The test split (eval transforms), its class names and the normalisation, without reading the
     training split where the dataset allows it: what a data-free job may know of the data."""
+    validate_data(cfg)
     _, val, class_names = _splits(cfg, seed, with_train=False)
     mean, std = _normalization(cfg)
     val.transform = build_transforms(cfg, False, mean, std)  # type: ignore[attr-defined]
@@ -413,8 +422,7 @@ def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0) -> Data
     The subset uses ``cfg.subset_seed`` when set, else ``seed`` (the run seed). With ``cfg.synthetic`` the
     train split is that file's images and the real one is not read (Fashion-MNIST, random).
     """
-    if not 0.0 < cfg.fraction <= 1.0:
-        raise DataError(f"data.fraction={cfg.fraction} must be in (0, 1]")
+    validate_data(cfg)
     train, val, class_names = _splits(cfg, seed, with_train=not cfg.synthetic)
     if cfg.synthetic:
         train = load_synthetic(cfg, len(class_names))

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import VitdistillError
+
 __all__ = ["DataError", "read_idx"]
 
 
-class DataError(ValueError):
+class DataError(VitdistillError, ValueError):
     """A user-facing data problem; the message names the bad value or path and what is valid."""
 
 

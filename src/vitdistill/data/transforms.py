@@ -66,9 +66,7 @@ class ToChannels:
     """
 
     def __init__(self, in_chans: int) -> None:
-        if in_chans not in (1, 3):
-            raise DataError(f"data.in_chans={in_chans} must be 1 or 3")
-        self.in_chans = in_chans
+        self.in_chans = in_chans  # 1 or 3, checked with the data section (config.validate_data)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         c = img.shape[-3]

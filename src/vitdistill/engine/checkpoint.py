@@ -1,19 +1,24 @@
-"""Atomic checkpoint files and RNG state capture; loading never executes code (weights_only)."""
+"""Training checkpoints: atomic writes, safe loading (never executes code: weights_only), and the trained
+student rebuilt from a checkpoint or an exported weights file."""
 
 from __future__ import annotations
 
-import random
+import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
+from ..config import config_from_dict, config_to_dict
+from ..errors import VitdistillError
 from ..io import atomic_open
+from ..models import load_weights
 from ..models.build import TORCH_LOAD_ERRORS
+from ..models.factory import build_model, model_metadata
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VitdistillError, ValueError):
     """A checkpoint file is missing, corrupt, or not a vitdistill checkpoint."""
 
 
@@ -38,24 +43,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def capture_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def checkpoint_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """The student's metadata (``models.model_metadata``) stored in a training checkpoint; checkpoints
+    written before it was stored get it rebuilt from their config and the student's head."""
+    if "meta" in ckpt:
+        return dict(ckpt["meta"])
+    heads = [v for k, v in ckpt["model"].items() if k.startswith("student.") and k.endswith(("head.weight", "fc.weight"))]
+    if not heads:
+        raise CheckpointError("cannot tell the number of classes from the checkpoint (no head.weight / fc.weight)")
+    return model_metadata(config_from_dict(ckpt["config"]), int(heads[0].shape[0]))
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu"
+                       ) -> tuple[nn.Module, dict[str, Any], dict[str, str], dict[str, Any] | None]:
+    """Rebuild the student from a training checkpoint (.pt) or a ``.safetensors`` file written by the
+    trainer or ``vitdistill export``.
+
+    Returns the model, the data section to evaluate it on, its metadata (``models.model_metadata``) and the
+    training checkpoint (None for ``.safetensors``).
+    """
+    path = Path(path)
+    ckpt = None
+    if path.suffix == ".safetensors":
+        state, meta = load_weights(path)
+        if "model" not in meta:
+            raise CheckpointError(f"'{path}' has no vitdistill metadata (model); export it with `vitdistill export`")
+        data = {"name": meta["dataset"], "in_chans": int(meta["in_chans"]), "img_size": int(meta["img_size"])}
+    else:
+        ckpt = load_checkpoint(path)
+        meta = checkpoint_metadata(ckpt)
+        state = {k[len("student."):]: v for k, v in ckpt["model"].items() if k.startswith("student.")}
+        data = config_to_dict(config_from_dict(ckpt["config"]))["data"]
+    mcfg = config_from_dict({"model": json.loads(meta["model"])}).model
+    model = build_model(mcfg, int(meta["num_classes"]), int(meta["in_chans"]), int(meta["img_size"]))
+    model.load_state_dict(state)
+    return model.to(torch.device(device)), data, meta, ckpt

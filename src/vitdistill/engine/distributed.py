@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..schema import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -29,7 +31,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device='{name}' but CUDA is not available here; use train.device=cpu or auto")
+        raise ConfigError(f"train.device='{name}' but CUDA is not available here; use train.device=cpu or auto")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)

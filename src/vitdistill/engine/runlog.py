@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text
+from ..schema import ConfigError
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -52,8 +53,9 @@ class TensorBoardLog:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("train.tensorboard=true needs the tensorboard extra: pip install 'vitdistill[tensorboard]'") from e
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs the tensorboard extra: "
+                                  "pip install 'vitdistill[tensorboard]' (or set train.tensorboard=false)") from None
             self.writer = SummaryWriter(str(log_dir))
 
     def log(self, row: dict[str, Any], step: int) -> None:

@@ -9,16 +9,12 @@ replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm.optim
 import timm.utils
 import torch
@@ -26,69 +22,37 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..config import (
-    Config,
-    ModelConfig,
-    TeacherConfig,
-    config_from_dict,
-    config_to_dict,
-    resolve_path,
-    save_config,
-)
+from ..config import Config, config_from_dict, config_to_dict, save_config
 from ..data import build_data
+from ..errors import VitdistillError
 from ..io import atomic_write_text
-from ..methods import Distiller, build_method
-from ..models import ModelError, count_params, create_model, save_weights
-from ..models import load_checkpoint as load_model_weights
-from ..models.mhca import apply_mhca
-from .checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-)
+from ..methods import Distiller, build_method, parse_method_params
+from ..models import count_params, save_weights
+from ..models.factory import build_model, model_metadata
+from ..rng import capture_rng_state, restore_rng_state, seed_everything
+from ..schedule import cosine_with_warmup
+from .checkpoint import atomic_torch_save, load_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from .evaluate import evaluate
 from .runlog import Progress, TensorBoardLog, versions, write_metrics_csv, write_summary
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VitdistillError, RuntimeError):
     """The run cannot continue (non-finite loss, an existing run folder, ...); the message says why."""
 
 
 LAST_CHECKPOINT = "last.pt"
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Learning rate at an optimisation step: linear warm-up, then cosine decay to ``min_lr``."""
-    if step < warmup:
-        return warmup_lr + (lr - warmup_lr) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    """A model from its config section: timm by name, MHCA where asked, then local weights."""
-    model = create_model(mcfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                         pretrained=mcfg.pretrained, **mcfg.kwargs)
-    mhca = getattr(mcfg, "mhca", None)
-    if mhca is not None and mhca.blocks:
-        try:
-            apply_mhca(model, mhca.blocks, mhca.locality_strength, mhca.pos_drop)
-        except (ValueError, TypeError) as e:
-            raise ModelError(f"model.mhca.blocks={mhca.blocks} for '{mcfg.name}': {e}") from None
-    if mcfg.checkpoint:
-        load_model_weights(model, resolve_path(mcfg.checkpoint))
-    return model
+def warmup_epochs(warmup: float, epochs: int, quiet: bool = False) -> float:
+    """The warm-up in epochs: as configured, or half the run when the configured warm-up is longer than
+    the run (a user shortening a run with ``train.epochs=1`` need not know the config's warm-up)."""
+    if warmup <= epochs:
+        return warmup
+    if not quiet:
+        print(f"note: train.warmup_epochs={warmup:g} exceeds train.epochs={epochs}; warming up for "
+              f"{epochs / 2:g} epochs (half the run) instead", flush=True)
+    return epochs / 2
 
 
 def build_models(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
@@ -96,37 +60,6 @@ def build_models(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module | 
     student = build_model(cfg.model, num_classes, d.in_chans, d.img_size)
     teacher = build_model(cfg.teacher, num_classes, d.in_chans, d.img_size) if cfg.teacher.name else None
     return student, teacher
-
-
-def model_metadata(cfg: Config, num_classes: int) -> dict[str, str]:
-    """What `export`/`eval` need to rebuild the student from a bare safetensors file."""
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("checkpoint", "pretrained")}
-    return {"model": json.dumps(model), "num_classes": str(num_classes), "in_chans": str(cfg.data.in_chans),
-            "img_size": str(cfg.data.img_size), "dataset": cfg.data.name}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, info: DistInfo,
-             amp_ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole loader (all ranks reduced)."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        with amp_ctx or contextlib.nullcontext():
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit = topk.eq(targets[:, None])
-        totals += torch.tensor([len(targets), hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                nn.functional.cross_entropy(logits, targets, reduction="sum").item()],
-                               dtype=torch.float64, device=device)
-    all_reduce_sum(totals, info)
-    model.train(was_training)
-    n = max(totals[0].item(), 1.0)
-    return {"top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "loss": totals[3].item() / n}
 
 
 @dataclass
@@ -176,10 +109,12 @@ class Trainer:
         resume_state = load_checkpoint(ckpt_path) if resume else None
 
         t = cfg.train
+        params = parse_method_params(cfg.method.name, cfg.method.params)  # a bad param fails before any work
         seed_everything(cfg.run.seed + self.info.rank, cfg.run.deterministic)
         self.data = build_data(cfg.data, seed=cfg.run.seed, label_smoothing=t.label_smoothing)
         student, teacher = build_models(cfg, self.data.num_classes)
-        self.distiller: Distiller = build_method(cfg.method.name, cfg.method.params, student, teacher,
+        self.metadata = model_metadata(cfg, self.data.num_classes)
+        self.distiller: Distiller = build_method(cfg.method.name, params, student, teacher,
                                                  label_smoothing=t.label_smoothing, epochs=t.epochs)
         self.device = self.info.device
         self.distiller.to(self.device)
@@ -188,7 +123,7 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         self.loaders = _build_loaders(cfg, self.data, self.info)
         self.total_steps = t.epochs * self.loaders.steps_per_epoch
-        self.warmup_steps = round(t.warmup_epochs * self.loaders.steps_per_epoch)
+        self.warmup_steps = round(warmup_epochs(t.warmup_epochs, t.epochs, self.quiet) * self.loaders.steps_per_epoch)
 
         self.optimizer = timm.optim.create_optimizer_v2(self.distiller, opt=t.optimizer, lr=t.lr,
                                                         weight_decay=t.weight_decay)
@@ -251,6 +186,7 @@ class Trainer:
             "stage": self.distiller.stage,
             "rng": capture_rng_state(),
             "config": config_to_dict(self.cfg),
+            "meta": self.metadata,  # what rebuilds the student without guessing (engine.load_trained_model)
             "history": self.history,
             "best": self.best,
             "wall_time": self.wall_time,
@@ -318,7 +254,7 @@ class Trainer:
                 images, targets = self.data.mixup_fn(images, targets)
             lr = self._set_lr()
             with self._amp():
-                logits, losses = self.model(images, targets, epoch)
+                logits, losses = self.model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 values = {k: float(v.detach()) for k, v in losses.items()}
@@ -380,7 +316,7 @@ class Trainer:
                         self.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
                         if self.info.is_main:
                             save_weights(self.distiller.student, self.run_dir / "best.safetensors",
-                                         model_metadata(self.cfg, self.data.num_classes))
+                                         self.metadata)
                 self.wall_time += time.perf_counter() - epoch_start
                 row["epoch_time_s"] = time.perf_counter() - epoch_start
                 self.history.append(row)
@@ -414,7 +350,7 @@ class Trainer:
         }
         if self.info.is_main:
             save_weights(self.distiller.student, self.run_dir / "last.safetensors",
-                         model_metadata(self.cfg, self.data.num_classes))
+                         self.metadata)
             write_summary(self.run_dir / "summary.json", summary)
         barrier(self.info)
         return summary
@@ -432,4 +368,4 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict[str, A
         trainer.close()
 
 
-__all__ = ["CheckpointError", "Trainer", "TrainingError", "cosine_with_warmup", "evaluate", "train"]
+__all__ = ["Trainer", "TrainingError", "train"]

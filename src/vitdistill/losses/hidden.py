@@ -1,9 +1,7 @@
-"""DearKD's early hidden-representation alignment: aligners and the normalised-MSE loss.
+"""DearKD's early hidden alignment: aligners and the normalised-MSE loss (docs/methods.md §1.2).
 
-A student token map (B, Cs, Hs, Ws) is mapped by a small trainable :class:`Aligner` to the shape of
-a CNN teacher's stage output (B, Ct, Ht, Wt), and compared with the teacher map normalised per
-location over channels (LayerNorm without affine parameters), so that the loss does not depend on
-the teacher's activation scale and every location counts equally.
+A trainable :class:`Aligner` maps a student token map to a CNN teacher map's shape, which is compared
+with the teacher map standardised over channels at every location.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ def _pair(value: Sequence[int] | int, what: str) -> tuple[int, int]:
 class Aligner(nn.Module):
     """Maps a student token map (B, Cs, Hs, Ws) to the teacher map's shape (B, Ct, Ht, Wt).
 
-    The kind depends on the two grids:
+    The kind depends on the two grids (docs/methods.md §1.2):
 
     * ``conv1x1``: same grid; a 1x1 convolution (channel projection).
     * ``deconv``: the teacher grid is finer by integer factors ``(fh, fw)`` (e.g. 7x7 -> 14x14); a

@@ -1,9 +1,7 @@
-"""Losses that synthesise images from a teacher (DF-DearKD, METHODS.md 1.5), as pure functions.
+"""Losses that synthesise images from a teacher (DF-DearKD, docs/methods.md §1.5), as pure functions.
 
-DeepInversion (Yin et al., CVPR 2020) matches the batch statistics that every BatchNorm layer of
-the teacher sees to the running statistics it stored in training, plus image priors (total
-variation, L2). DF-DearKD adds a boundary-preserving intra-divergence term: same-class images are
-pushed apart in the teacher's feature space, but never further than the nearest other class.
+DeepInversion's BatchNorm-statistics matching and image priors, and DF-DearKD's boundary-preserving
+intra-divergence (same-class images pushed apart, but not past the nearest other class).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_kd_loss", "hard_kd_loss"]
+__all__ = ["hard_kd_loss", "logit_kd_loss", "soft_kd_loss"]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -57,3 +57,13 @@ def hard_kd_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     targets = teacher_logits.argmax(dim=-1)
     return F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str, temperature: float = 1.0
+                  ) -> torch.Tensor:
+    """``mode='soft'``: :func:`soft_kd_loss` at ``temperature``; ``mode='hard'``: :func:`hard_kd_loss`."""
+    if mode == "hard":
+        return hard_kd_loss(student_logits, teacher_logits)
+    if mode == "soft":
+        return soft_kd_loss(student_logits, teacher_logits, temperature)
+    raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")

@@ -1,37 +1,8 @@
-"""SpectralKD feature losses: 2-D Fourier alignment of student and teacher maps (METHODS.md section 2.3).
+"""SpectralKD feature losses: 2-D Fourier alignment of student and teacher maps (docs/methods.md §2.3).
 
-Every pair of NCHW maps is first brought to a common shape without trainable parameters:
-
-* channels (``match_channels``): the WIDER side's channel axis is average-pooled down to the
-  narrower one. The paper only pools the teacher (teacher wider); pooling either side is our
-  extension.
-* grid (``match_grids``): the FINER spatial grid is average-pooled to the coarser one, per axis.
-
-Both use adaptive average pooling, i.e. output bin ``i`` of ``n_out`` averages input indices
-``floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1``. When ``n_in`` is a multiple of
-``n_out`` these are disjoint groups of ``n_in / n_out`` consecutive channels/pixels (teacher 16 ->
-student 8 averages channels (0, 1), (2, 3), ...); otherwise a bin boundary that falls inside an
-index makes both neighbouring bins include it, so bins may overlap by one index and differ in size
-(10 -> 4 averages (0, 1, 2), (2, 3, 4), (5, 6, 7), (7, 8, 9)).
-
-Then ``spectral_features`` takes ``rfft2`` over (H, W) with orthonormal scaling and stacks the real
-and imaginary parts; the loss is the MSE (mean) of those features, averaged over pairs.
-
-Parseval identity (exact, for a difference map ``d = s - t`` of width W):
-``rfft2`` keeps the columns v = 0 .. W//2. The columns v = 0 and (W even) v = W/2 are their own
-Hermitian mirrors, every other kept column stands for itself and its dropped mirror W - v, so with
-``D = rfft2(d, norm="ortho")`` and ``E_edge`` the energy of D in the self-mirrored columns::
-
-    2 * sum |D|^2 = sum d^2 + E_edge        (the v = 0 / Nyquist columns count twice)
-
-The spectral loss is a mean over ``B*C*H*(W//2+1)*2`` real numbers and the spatial MSE a mean over
-``B*C*H*W``, so ``spectral_mse / spatial_mse = W / (4 * (W//2 + 1)) * (1 + E_edge / sum d^2)``.
-This is not a constant: it lies between ``W / (4 (W//2+1))`` (all energy in the interior columns;
-0.4 for W = 8) and ``W / (2 (W//2+1))`` (all energy in the v = 0 / Nyquist columns; 0.8 for W = 8).
-For white noise every ortho coefficient has the same expected energy, so E[E_edge] / E[sum d^2] =
-(number of self-mirrored columns) / W and the ratio of expectations is exactly 1/2 for ANY H, W
-(even or odd, not only in the large-W limit); a single draw scatters around 0.5 with a spread that
-shrinks like 1/sqrt(numel) (about +-0.01 for 4x16x8x8).
+Each pair of NCHW maps is average-pooled to a common channel count and grid, then compared as the MSE of
+their orthonormal ``rfft2`` coefficients (real and imaginary parts stacked); ``spatial_mse_loss`` is the
+plain-MSE control. The Parseval relation between the two losses is derived in docs/methods.md §2.3.
 """
 
 from __future__ import annotations
@@ -69,7 +40,7 @@ def match_channels(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool the wider map's channel axis down to the narrower map's channel count.
 
     Returns ``(s, t)`` with equal channel counts; the narrower side is returned unchanged.
-    Non-divisible counts follow ``F.adaptive_avg_pool1d`` (overlapping bins, see module doc).
+    Non-divisible counts follow ``F.adaptive_avg_pool1d`` (bins may overlap, docs/methods.md §2.3).
     """
     _check_map(s, "student map")
     _check_map(t, "teacher map")
@@ -128,7 +99,8 @@ def _prepare_pairs(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor
 
 
 def spectral_alignment_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -> Tensor:
-    """SpectralKD feature loss: mean over pairs of MSE(rfft2_ortho(s), rfft2_ortho(t)) (real/imag stacked).
+    """SpectralKD feature loss: mean over pairs of MSE(rfft2_ortho(s), rfft2_ortho(t)) (real/imag stacked),
+    docs/methods.md §2.3.
 
     Maps are NCHW; channels and grids are matched by average pooling first. Computed in float32
     with autocast disabled. Gradients flow to both sides (detach the teacher yourself if needed).
@@ -141,7 +113,8 @@ def spectral_alignment_loss(student_maps: Sequence[Tensor], teacher_maps: Sequen
 
 
 def spatial_mse_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -> Tensor:
-    """The spatial control for the spectral loss: same channel/grid matching, plain MSE, mean over pairs."""
+    """The spatial control for the spectral loss: same channel/grid matching, plain MSE, mean over pairs
+    (docs/methods.md §2.3, §3.5)."""
     device = student_maps[0].device.type if len(student_maps) else "cpu"
     with torch.autocast(device_type=device, enabled=False):
         pairs = _prepare_pairs(student_maps, teacher_maps)

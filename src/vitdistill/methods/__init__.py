@@ -1,4 +1,16 @@
 from . import dearkd, deit, feature_mse, kd, spectralkd, vanilla  # noqa: F401  (registers the methods)
-from .base import Distiller, MethodError, build_method, get_method, list_methods, register_method
+from .base import (
+    Distiller,
+    LayerPairParams,
+    LogitKDParams,
+    MethodError,
+    MethodParams,
+    build_method,
+    get_method,
+    list_methods,
+    parse_method_params,
+    register_method,
+)
 
-__all__ = ["Distiller", "MethodError", "build_method", "get_method", "list_methods", "register_method"]
+__all__ = ["Distiller", "LayerPairParams", "LogitKDParams", "MethodError", "MethodParams", "build_method",
+           "get_method", "list_methods", "parse_method_params", "register_method"]

@@ -1,48 +1,124 @@
 """The distiller contract and the method registry.
 
 A method wraps the student (and a frozen teacher) and returns the loss terms; the trainer sums
-them and knows nothing else about the method. The teacher is deliberately *not* a registered
-submodule: it never enters the optimizer, the checkpoint, DDP or ``.train()``.
+them and knows nothing else about the method. A new method is one file in this folder (a
+:class:`Distiller` subclass with ``@register_method`` and, if it takes params, a :class:`MethodParams`
+dataclass), one import in ``methods/__init__.py`` and one YAML.
+
+The rules the trainer relies on:
+
+- **Teacher.** The teacher is deliberately *not* a registered submodule: it never enters the
+  optimizer, the checkpoint, DDP or ``.train()``. It is frozen and in eval mode, and follows every
+  device/dtype move of the distiller (``.to()``, ``.cuda()``, ``.half()``, ...: see ``_apply``).
+- **Order of calls.** ``__init__`` (models on the CPU) -> ``.to(device)`` -> :meth:`prepare` (once per
+  process, also on resume) -> :meth:`on_stage_change` for the first epoch's stage -> ``forward_train``
+  per step. ``prepare`` may read data and build taps but must not create parameters (the optimizer
+  is built after it; parameters made later would never train).
+- **Stages.** :meth:`stage_for_epoch` must be non-decreasing in the epoch: stages change one way. At
+  a change the trainer calls :meth:`on_stage_change` and drops from the optimizer every parameter
+  outside :meth:`trainable_modules` for good (their optimizer state is discarded).
+- **Losses.** ``forward_train`` returns the logits used for the train accuracy and a dict of named
+  scalar losses; the trainer sums them and logs each as ``train_<name>``, averaged over all images
+  of the epoch. Return the same names on every step (use a zero tensor for a term that is off) so
+  that the per-epoch averages are comparable.
+- **Evaluation.** ``forward_eval`` gives the logits the test accuracy is measured on. The EMA copy
+  (``train.ema``) is a copy of the student alone and is evaluated by calling it directly, so a
+  student's own eval-mode forward must already give the prediction (timm's distilled models average
+  their two heads in eval mode).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..errors import VitdistillError
+from ..losses import logit_kd_loss
+from ..schema import check, parse_section
 
-class MethodError(ValueError):
-    """A user-facing problem with ``method.name`` or ``method.params``."""
+KDMode = Literal["soft", "hard"]
+
+
+class MethodError(VitdistillError, ValueError):
+    """A user-facing problem with ``method.name``, ``method.params`` or the models a method gets."""
+
+
+@dataclass
+class MethodParams:
+    """Base of every method's ``method.params``: typed fields, parsed like the config sections (coercion,
+    closest-key suggestions), then :meth:`validate` checks the ranges."""
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming ``method.params.<key>``, the bad value and what is valid."""
+
+    @staticmethod
+    def require(ok: bool, name: str, value: Any, valid: str) -> None:
+        check(ok, f"method.params.{name}={value!r} {valid}")
+
+
+@dataclass
+class LogitKDParams(MethodParams):
+    """Logit distillation shared by kd, deit, dearkd and spectralkd: ``kd_mode: soft`` is
+    ``tau^2 * KL(p_t || p_s)`` (batchmean), ``kd_mode: hard`` the cross-entropy to the teacher's argmax."""
+
+    alpha: float = 0.5  # weight of the KD term; the label term gets 1 - alpha
+    temperature: float = 1.0
+    kd_mode: KDMode = "soft"
+
+    def validate(self) -> None:
+        self.require(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "must be in [0, 1]")
+        self.require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+
+    def kd_loss(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return logit_kd_loss(student_logits, teacher_logits, self.kd_mode, self.temperature)
+
+
+@dataclass
+class LayerPairParams(MethodParams):
+    """Student layer ``student_layers[i]`` is matched to teacher layer ``teacher_layers[i]`` (``LayerTap``
+    indices or dotted module paths)."""
+
+    student_layers: list[int | str] = dataclasses.field(default_factory=lambda: [1, 2])
+    teacher_layers: list[int | str] = dataclasses.field(default_factory=lambda: [1, 2])
+
+    def validate(self) -> None:
+        s, t = self.student_layers, self.teacher_layers
+        check(isinstance(s, list) and isinstance(t, list) and len(s) == len(t) and len(s) > 0,
+              f"method.params.student_layers={s!r} and teacher_layers={t!r} must be non-empty lists of the same "
+              "length (one teacher layer per student layer)")
 
 
 class Distiller(nn.Module):
     """Base class: student only, cross-entropy on the ground truth."""
 
-    #: names and defaults of ``method.params`` this method accepts
-    param_defaults: dict[str, Any] = {}
+    #: the dataclass of ``method.params`` (fields and defaults); ``MethodParams`` takes none
+    Params: ClassVar[type[MethodParams]] = MethodParams
     #: whether the method needs a teacher
-    needs_teacher: bool = False
+    needs_teacher: ClassVar[bool] = False
+    method_name: ClassVar[str]
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: dict[str, Any],
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams,
                  label_smoothing: float = 0.0, epochs: int = 1) -> None:
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose, see module docstring
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self.params = {**self.param_defaults, **params}
+        self.params = params
         self.label_smoothing = label_smoothing
         self.epochs = epochs
         self.stage = 1
 
     # -- the contract -------------------------------------------------------------------------
-    def forward_train(self, images: Tensor, targets: Tensor, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(images)
         return logits, {"ce": self.ce(logits, targets)}
 
@@ -70,10 +146,10 @@ class Distiller(nn.Module):
         names = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
         return {f"student.{n}" for n in names}
 
-    def forward(self, images: Tensor, targets: Tensor | None = None, epoch: int = 0):
+    def forward(self, images: Tensor, targets: Tensor | None = None):
         # DDP only hooks forward(), so training goes through here too.
         if self.training:
-            return self.forward_train(images, targets, epoch)
+            return self.forward_train(images, targets)
         return self.forward_eval(images)
 
     def ce(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -97,10 +173,11 @@ class Distiller(nn.Module):
         # inference tensors cannot be saved for backward by the losses: hand back ordinary tensors
         return (None if logits is None else logits.clone()), {k: v.clone() for k, v in maps.items()}
 
-    def to(self, *args, **kwargs):  # the teacher is unregistered, so move it by hand
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(), .float() ... all end here; the teacher is unregistered, so move it too
         if self.teacher is not None:
-            self.teacher.to(*args, **kwargs)
-        return super().to(*args, **kwargs)
+            self.teacher._apply(fn)
+        return super()._apply(fn, recurse)
 
 
 _METHODS: dict[str, type[Distiller]] = {}
@@ -128,12 +205,18 @@ def get_method(name: str) -> type[Distiller]:
     return _METHODS[name]
 
 
-def build_method(name: str, params: dict[str, Any], student: nn.Module, teacher: nn.Module | None,
-                 label_smoothing: float = 0.0, epochs: int = 1) -> Distiller:
+def parse_method_params(name: str, params: dict[str, Any] | None) -> MethodParams:
+    """``method.params`` of method ``name`` as its typed, range-checked ``Params`` dataclass."""
+    parsed = parse_section(get_method(name).Params, dict(params or {}), "method.params")
+    parsed.validate()
+    return parsed
+
+
+def build_method(name: str, params: dict[str, Any] | MethodParams | None, student: nn.Module,
+                 teacher: nn.Module | None, label_smoothing: float = 0.0, epochs: int = 1) -> Distiller:
     cls = get_method(name)
-    unknown = sorted(set(params) - set(cls.param_defaults))
-    if unknown:
-        raise MethodError(f"method '{name}' got unknown params {unknown}; valid: {sorted(cls.param_defaults)}")
+    if not isinstance(params, MethodParams):
+        params = parse_method_params(name, params)
     if cls.needs_teacher and teacher is None:
         raise MethodError(f"method '{name}' needs a teacher: set teacher.name (and teacher.checkpoint)")
-    return cls(student, teacher, dict(params), label_smoothing=label_smoothing, epochs=epochs)
+    return cls(student, teacher, params, label_smoothing=label_smoothing, epochs=epochs)

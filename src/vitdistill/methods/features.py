@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,19 +9,6 @@ from torch import Tensor, nn
 
 from ..losses import Aligner
 from ..models import LayerTap
-from .base import MethodError
-
-
-def layer_pairs(params: dict[str, Any], method: str) -> tuple[list[int], list[int]]:
-    """``student_layers`` and ``teacher_layers`` from the params, checked to pair up one to one."""
-    s, t = params["student_layers"], params["teacher_layers"]
-    if not isinstance(s, Sequence) or not isinstance(t, Sequence) or isinstance(s, str) or isinstance(t, str):
-        raise MethodError(f"method '{method}': student_layers and teacher_layers must be lists of layer indices, "
-                          f"got {s!r} and {t!r}")
-    if len(s) != len(t) or not s:
-        raise MethodError(f"method '{method}': student_layers {list(s)} and teacher_layers {list(t)} must be "
-                          f"non-empty lists of the same length (one teacher layer per student layer)")
-    return list(s), list(t)
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:

@@ -20,10 +20,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from ..io import atomic_open
+from ..errors import VitdistillError
+from ..io import SAFETENSORS_ERRORS, read_safetensors, write_safetensors
 from . import presets  # noqa: F401  (registers the vitdistill presets with timm)
 
 __all__ = [
@@ -42,7 +41,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _STUDENT_PREFIX = "student."
 
 
-class ModelError(ValueError):
+class ModelError(VitdistillError, ValueError):
     """A user-facing model problem; the message names the bad value and what is valid."""
 
 
@@ -184,8 +183,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     obj: Any
     if p.suffix == ".safetensors" or _is_safetensors_file(p):
         try:
-            obj, _ = _read_safetensors(p)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            obj, _ = read_safetensors(p)
+        except SAFETENSORS_ERRORS as e:
             raise ModelError(f"{invalid} ({type(e).__name__}: {e})") from None
     else:
         try:
@@ -238,13 +237,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     return model
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, metadata
-
-
 def save_weights(
     model: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -258,9 +250,7 @@ def save_weights(
     state = model.state_dict() if isinstance(model, nn.Module) else model
     # independent contiguous CPU copies: safetensors refuses tensors that share memory
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    with atomic_open(path) as f:
-        f.write(safetensors_bytes(tensors, metadata=metadata))
-    return Path(path)
+    return write_safetensors(path, tensors, metadata)
 
 
 def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -269,8 +259,8 @@ def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     if not p.is_file():
         raise ModelError(f"weights file '{p}' does not exist")
     try:
-        return _read_safetensors(p)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return read_safetensors(p)
+    except SAFETENSORS_ERRORS as e:
         raise ModelError(
             f"weights file '{p}' is not a valid safetensors file ({type(e).__name__}: {e})"
         ) from None

@@ -1,37 +1,10 @@
-"""Multi-head convolutional attention (MHCA), DearKD's attention for the early ViT blocks.
+"""Multi-head convolutional attention (MHCA) for DearKD's early ViT blocks (docs/methods.md §1.3).
 
-Each head adds a learned relative-position logit to its content logits, inside the same softmax:
-
-    scores_h[i, j] = q_i . k_j / sqrt(d) + v_h . r(p_j - p_i),   r(dx, dy) = (dx, dy, dx^2 + dy^2)
-
-where ``p`` is a patch's (x, y) position on the patch grid (x = column, y = row) and ``v_h`` is one
-learned 3-vector per head. Cordonnier et al. (ICLR 2020) show that such a head can express one tap of
-a convolution; DearKD uses it so that the student gets a CNN's locality bias early in training.
-
-Choices this module makes (the DearKD paper does not publish them; see :func:`head_offsets`):
-
-* **Local initialisation (ConViT-style).** Head ``h`` is centred on an integer grid offset
-  ``Delta_h`` and ``v_h = -alpha * (-2 Delta_x, -2 Delta_y, 1)``, so its positional logit is
-  ``-alpha * ||delta - Delta_h||^2 + alpha * ||Delta_h||^2``: the larger ``alpha``
-  (``locality_strength``), the closer the head is to the shifted-pixel tap at ``Delta_h``.
-  ``alpha = 0`` gives ``v = 0``, a zero positional term, hence exactly the content attention
-  (bit for bit with the manual attention path, and with PyTorch's fused SDPA path when no gradient is
-  recorded; with autograd on, the learnable positional bias can make SDPA pick another kernel, which
-  agrees to float rounding).
-* **Prefix tokens** (cls / dist / register tokens) have no grid position: every row and column of
-  the positional logits that involves a prefix token is 0. Because the patch logits carry the
-  constant ``alpha * ||Delta_h||^2``, heads with ``Delta_h != 0`` prefer their patch over the prefix
-  tokens by a factor ``exp(alpha * ||Delta_h||^2)`` at initialisation, whereas the centre head
-  (``Delta_h = 0``) gives a prefix column the same positional logit as the query patch itself.
-* **Positional dropout** (``pos_drop``) is ordinary (inverted) dropout applied to the positional
-  logits, per sample, head, query and key, after the prefix rows/columns are zeroed and before they
-  are added to the content logits and any attention mask. A dropped logit becomes 0 (neutral), so in
-  training a head cannot lean on every positional cue at once. It is off in eval mode and in
-  :meth:`MHCAttention.attention_map`.
-
-The content part (qkv, q/k norm, output projection, dropouts) is the same computation as timm's
-``Attention``, so :meth:`MHCAttention.from_attention` turns a trained or freshly built timm block into
-MHCA without changing what the content part computes.
+Each head adds a learned relative-position logit ``v_h . r(p_j - p_i)``, with
+``r(dx, dy) = (dx, dy, dx^2 + dy^2)``, to its content logits inside the same softmax; ConViT-style local
+initialisation, no positional term for prefix tokens, optional dropout on the positional logits.
+``locality_strength = 0`` gives exactly timm's ``Attention``, whose content part
+:meth:`MHCAttention.from_attention` copies unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, use_fused_attn
+
+from .taps import TapError, place_tokens
 
 __all__ = ["MHCAttention", "apply_mhca", "attention_probs", "head_offsets", "relative_position_features"]
 
@@ -249,16 +224,14 @@ class MHCAttention(nn.Module):
             raise ValueError(
                 f"{num_tokens} tokens leave no patch tokens after {self.num_prefix_tokens} prefix tokens"
             )
-        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == n:
-            return self.grid_size
-        side = math.isqrt(n)
-        if side * side == n:
-            return side, side
-        raise ValueError(
-            f"cannot place {n} patch tokens ({num_tokens} tokens minus {self.num_prefix_tokens} prefix "
-            f"tokens) on a grid: not a square and grid_size={self.grid_size} does not match; "
-            "set grid_size or num_prefix_tokens correctly"
-        )
+        try:
+            return place_tokens(n, 0, self.grid_size)[0]
+        except TapError:
+            raise ValueError(
+                f"cannot place {n} patch tokens ({num_tokens} tokens minus {self.num_prefix_tokens} prefix "
+                f"tokens) on a grid: not a square and grid_size={self.grid_size} does not match; "
+                "set grid_size or num_prefix_tokens correctly"
+            ) from None
 
     def positional_logits(self, num_tokens: int) -> torch.Tensor:
         """The positional logits ``v_h . r(p_j - p_i)`` of shape (heads, N, N), zero on prefix rows/cols."""

@@ -17,12 +17,15 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["TapError", "LayerTap", "layer_module_name", "num_tappable_layers", "tokens_to_map"]
+from ..errors import VitdistillError
+
+__all__ = ["TapError", "LayerTap", "layer_module_name", "model_patch_grid", "num_tappable_layers", "place_tokens",
+           "tokens_to_map"]
 
 Logits = Tensor | tuple[Tensor, ...]
 
 
-class TapError(ValueError):
+class TapError(VitdistillError, ValueError):
     """A user-facing layer-tap problem; the message names the bad layer and the valid ones."""
 
 
@@ -75,6 +78,37 @@ def tokens_to_map(tokens: Tensor, num_prefix_tokens: int = 0, grid: tuple[int, i
             f"{n} tokens minus {num_prefix_tokens} prefix tokens ({patches}) do not fill a {h}x{w} grid"
         )
     return tokens[:, num_prefix_tokens:].transpose(1, 2).reshape(b, c, h, w)
+
+
+def model_patch_grid(model: nn.Module, image_hw: Sequence[int]) -> tuple[int, int] | None:
+    """The patch grid of ``model``'s patch embedding for images of ``image_hw`` (None without one)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return None
+    if hasattr(pe, "dynamic_feat_size"):
+        try:
+            h, w = pe.dynamic_feat_size(tuple(image_hw))
+            return int(h), int(w)
+        except (TypeError, ValueError):
+            pass
+    grid = getattr(pe, "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def place_tokens(n_tokens: int, prefix: int, grid: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
+    """``(grid, prefix tokens)`` for a sequence of ``n_tokens``: the patch grid with or without the model's
+    ``prefix`` tokens (CaiT's self-attention blocks carry none), else a square grid, with or without them."""
+    if grid is not None:
+        patches = grid[0] * grid[1]
+        if n_tokens == patches:
+            return grid, 0
+        if n_tokens == patches + prefix:
+            return grid, prefix
+    for p in (prefix, 0):
+        side = math.isqrt(max(n_tokens - p, 0))
+        if side > 0 and side * side == n_tokens - p:
+            return (side, side), p
+    raise TapError(f"cannot place {n_tokens} tokens on a patch grid (grid {grid}, {prefix} prefix tokens)")
 
 
 def layer_module_name(model: nn.Module, index: int) -> str:
@@ -272,30 +306,9 @@ class LayerTap:
         )
 
     def _tokens_to_map(self, tokens: Tensor, x: Tensor) -> Tensor:
-        n = tokens.shape[1]
         prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
-        grid = self._patch_grid(x)
-        if grid is not None:
-            patches = grid[0] * grid[1]
-            if n == patches:  # no prefix tokens in this output (e.g. CaiT's self-attention blocks)
-                prefix = 0
-            return tokens_to_map(tokens, prefix, grid)
-        if math.isqrt(n) ** 2 == n:
-            prefix = 0
-        return tokens_to_map(tokens, prefix)
-
-    def _patch_grid(self, x: Tensor) -> tuple[int, int] | None:
-        pe = getattr(self.model, "patch_embed", None)
-        if pe is None:
-            return None
-        if hasattr(pe, "dynamic_feat_size"):
-            try:
-                h, w = pe.dynamic_feat_size(tuple(x.shape[-2:]))
-                return int(h), int(w)
-            except (TypeError, ValueError):
-                pass
-        grid = getattr(pe, "grid_size", None)
-        return (int(grid[0]), int(grid[1])) if grid is not None else None
+        grid, prefix = place_tokens(tokens.shape[1], prefix, model_patch_grid(self.model, x.shape[-2:]))
+        return tokens_to_map(tokens, prefix, grid)
 
     def __repr__(self) -> str:
         path = "forward_intermediates" if self._use_intermediates else "hooks"
