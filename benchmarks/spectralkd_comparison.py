@@ -99,12 +99,11 @@ def teacher_margin(table, teacher: str) -> list[str]:
 def dynamics(runs: list[Run], out_dir, figure_dir, teacher: str) -> dict:
     """Intensity curves of the teacher and two seed-0 students on one figure, with closeness numbers."""
     from vitdistill.analysis.report import analyze_models, load_models
-    from vitdistill.cli import load_trained_model
 
     by_group = {r.group: r for r in runs if r.seed == 0}
     specs = [str(REPO / teacher)] + [str(run_dir(out_dir, by_group[group]) / "last.pt")
                                      for group in list(DYNAMICS.values())[1:]]
-    models, loaders, _ = load_models(specs, load_trained_model, labels=list(DYNAMICS))
+    models, loaders, _ = load_models(specs, labels=list(DYNAMICS))
     return analyze_models(models, loaders, figure_dir, description="SpectralKD distillation dynamics "
                           "(Fashion-MNIST test split, 1000 class-balanced images)", progress=False, verbose=False)
 

@@ -10,14 +10,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from vitdistill.analysis import (
-    AnalysisError,
-    analyze_layers,
-    analyze_models,
-    attention_distances,
-    channel_spectrum,
-    select_layer_pairs,
-)
+from vitdistill.analysis import analyze_layers, attention_distances, channel_spectrum, select_layer_pairs
+from vitdistill.analysis.report import AnalysisError, analyze_models
 from vitdistill.cli import main
 from vitdistill.config import load_config
 from vitdistill.data import TensorImageDataset

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitdistill.config import (
     ConfigError,
@@ -84,13 +85,15 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_config_loads_and_builds_its_method(path):
     """Every shipped config parses, its method params are typed and in range, and the method builds on
-    its own student and teacher (random weights: the method's checks of layers and heads all run)."""
+    its own student and teacher. The models live on the meta device (shapes without values, so the
+    ImageNet-size teachers cost no time): every check of layers, heads and map shapes still runs."""
     cfg = load_config(path)
     if cfg.method.name == "none" and not cfg.method.params:
         return  # teacher and synthesis configs train the model alone: nothing more to build
     cfg.model.checkpoint = cfg.teacher.checkpoint = None
-    num_classes = 10
-    student = build_model(cfg.model, num_classes, cfg.data.in_chans, cfg.data.img_size)
-    teacher = build_model(cfg.teacher, num_classes, cfg.data.in_chans, cfg.data.img_size) if cfg.teacher.name else None
-    distiller = build_method(cfg.method.name, cfg.method.params, student, teacher, epochs=cfg.train.epochs)
+    d = cfg.data
+    with torch.device("meta"):
+        student = build_model(cfg.model, 10, d.in_chans, d.img_size)
+        teacher = build_model(cfg.teacher, 10, d.in_chans, d.img_size) if cfg.teacher.name else None
+        distiller = build_method(cfg.method.name, cfg.method.params, student, teacher, epochs=cfg.train.epochs)
     assert isinstance(distiller.params, get_method(cfg.method.name).Params)

@@ -14,12 +14,10 @@ from vitdistill.analysis import (
     curve_closeness,
     layer_intensity,
     normalized_depth,
-    plot_attention_distance,
-    plot_intensity,
-    plot_spectra,
     select_layer_pairs,
     spatial_spectrum_energy,
 )
+from vitdistill.analysis.plots import plot_attention_distance, plot_intensity, plot_spectra
 from vitdistill.losses.spectral import (
     match_channels,
     match_grids,

@@ -236,7 +236,7 @@ def test_synthetic_set_is_a_train_split_and_trains(synth_cfg, tmp_path):
         f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}"])
     data = build_data(cfg.data, seed=0)
     assert len(data.train) == 40 and len(data.val) == 32  # synthetic train, the dataset's own test split
-    from vitdistill.engine import train
+    from vitdistill.engine.trainer import train
 
     summary = train(cfg, quiet=True)
     assert summary["train_images"] == 40

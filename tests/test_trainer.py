@@ -9,10 +9,12 @@ import torch
 
 from vitdistill.config import config_from_dict
 from vitdistill.data import build_data
-from vitdistill.engine import TrainingError, cosine_with_warmup, load_checkpoint, train
+from vitdistill.engine import load_checkpoint
+from vitdistill.engine.trainer import TrainingError, train
 from vitdistill.methods import Distiller, register_method
 from vitdistill.methods.vanilla import Vanilla
 from vitdistill.models import create_model
+from vitdistill.schedule import cosine_with_warmup
 
 TIME_COLUMNS = {"images_per_s", "epoch_time_s"}
 
@@ -64,11 +66,11 @@ def test_killed_run_resumes_to_identical_metrics(tiny_cfg_values, tmp_path, monk
     calls = {"n": 0}
     original = Vanilla.forward_train
 
-    def dying_forward_train(self, images, targets, epoch):
+    def dying_forward_train(self, images, targets):
         calls["n"] += 1
         if calls["n"] == 25:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets, epoch)
+        return original(self, images, targets)
 
     monkeypatch.setattr(Vanilla, "forward_train", dying_forward_train)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
@@ -107,8 +109,8 @@ def nan_after_20_steps(monkeypatch):
             super().__init__(*args, **kwargs)
             self.steps = 0
 
-        def forward_train(self, images, targets, epoch):
-            logits, losses = super().forward_train(images, targets, epoch)
+        def forward_train(self, images, targets):
+            logits, losses = super().forward_train(images, targets)
             self.steps += 1
             if self.steps > 20:
                 losses["ce"] = losses["ce"] * float("nan")

@@ -34,16 +34,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .data import build_data, test_split_config
+    from .data.subsets import balanced_loader
     from .engine import evaluate, load_trained_model
     from .engine.distributed import DistInfo, resolve_device
 
+    if args.images is not None and args.images < 1:
+        raise ConfigError(f"--images={args.images} must be a positive number of test images")
     device = resolve_device(args.device)
     model, data_values, _, _ = load_trained_model(Path(args.checkpoint), device)
     data_cfg = test_split_config(data_values, args.data, args.data_root)
-    bundle = build_data(data_cfg, seed=0)
-    loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=data_cfg.num_workers)
+    test_set = build_data(data_cfg, seed=0).val
+    if args.images is None:
+        loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=data_cfg.num_workers)
+    else:
+        loader = balanced_loader(test_set, args.images, args.seed, args.batch_size)
     metrics = evaluate(model, loader, device, DistInfo(device=device))
-    result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "images": len(bundle.val), **metrics}
+    result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "images": len(loader.dataset), **metrics}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -115,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
     e.add_argument("--data-root", help="dataset folder")
+    e.add_argument("--images", type=int, help="a class-balanced subset of this many test images (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --images selection")
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)

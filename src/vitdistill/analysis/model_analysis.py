@@ -204,7 +204,7 @@ def attention_distances(
         def hook(_module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             x = args[0] if args else kwargs["x"]
             grid, prefix = place_tokens(x.shape[1], int(getattr(model, "num_prefix_tokens", 0) or 0),
-                                        model_patch_grid(model, current["images"].shape[-2:]))
+                                        model_patch_grid(model, current["images"].shape[-2:]), square_fallback=True)
             d = average_attention_distance(fn(attn, x), grid, prefix) * x.shape[0]
             sums[i] = d if sums[i] is None else sums[i] + d
 

@@ -225,7 +225,7 @@ class MHCAttention(nn.Module):
                 f"{num_tokens} tokens leave no patch tokens after {self.num_prefix_tokens} prefix tokens"
             )
         try:
-            return place_tokens(n, 0, self.grid_size)[0]
+            return place_tokens(n, 0, self.grid_size, square_fallback=True)[0]
         except TapError:
             raise ValueError(
                 f"cannot place {n} patch tokens ({num_tokens} tokens minus {self.num_prefix_tokens} prefix "

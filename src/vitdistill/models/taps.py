@@ -95,19 +95,22 @@ def model_patch_grid(model: nn.Module, image_hw: Sequence[int]) -> tuple[int, in
     return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
-def place_tokens(n_tokens: int, prefix: int, grid: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
-    """``(grid, prefix tokens)`` for a sequence of ``n_tokens``: the patch grid with or without the model's
-    ``prefix`` tokens (CaiT's self-attention blocks carry none), else a square grid, with or without them."""
+def place_tokens(n_tokens: int, prefix: int, grid: tuple[int, int] | None, square_fallback: bool = False
+                 ) -> tuple[tuple[int, int], int]:
+    """``(grid, prefix tokens)`` for a sequence of ``n_tokens``: the patch ``grid`` with or without the model's
+    ``prefix`` tokens (CaiT's self-attention blocks carry none). Without a grid (or, with ``square_fallback``,
+    when the tokens do not fill it) a square grid, with or without the prefix tokens."""
     if grid is not None:
         patches = grid[0] * grid[1]
         if n_tokens == patches:
             return grid, 0
         if n_tokens == patches + prefix:
             return grid, prefix
-    for p in (prefix, 0):
-        side = math.isqrt(max(n_tokens - p, 0))
-        if side > 0 and side * side == n_tokens - p:
-            return (side, side), p
+    if grid is None or square_fallback:
+        for p in (prefix, 0):
+            side = math.isqrt(max(n_tokens - p, 0))
+            if side > 0 and side * side == n_tokens - p:
+                return (side, side), p
     raise TapError(f"cannot place {n_tokens} tokens on a patch grid (grid {grid}, {prefix} prefix tokens)")
 
 
