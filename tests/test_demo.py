@@ -5,7 +5,7 @@ import csv
 
 import yaml
 
-from vitdistill.demo import DEMO_RUNS, SHIPPED_CNN, run_demo
+from vitdistill.demo import DEMO_RUNS, SHIPPED_CNN, run_datafree_demo, run_demo
 
 QUICK = ["data.name=random", "data.eval_batch_size=32"]
 SPECTRAL_TEACHER = "weights/caitd_small_patch4_28_kd_fmnist.safetensors"
@@ -46,3 +46,13 @@ def test_full_demo_trains_its_own_teacher_on_the_subset(tmp_path):
     assert teacher.is_file()
     assert teacher_of(out, "deit") == teacher_of(out, "dearkd") == str(teacher)
     assert yaml.safe_load((out / "deit" / "config.yaml").read_text())["data"]["fraction"] == 0.1
+
+
+def test_datafree_demo_trains_from_synthesised_images_only(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_datafree_demo(str(out), quick=True, overrides=QUICK)
+    run = out / "df_dearkd_online"
+    assert summary["method"] == "dearkd" and summary["train_images"] == 2 * 2 * 40
+    assert (run / "samples.png").is_file() and (run / "bank" / "images.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "No real training image is read" in printed and "rounds.csv" in printed

@@ -48,6 +48,7 @@ PARAM_RANGES = {
     "vitd_small_patch4_28": (4.0e6, 6.0e6),
     "caitd_small_patch4_28": (3.5e6, 6.0e6),
     "resnetd_small_28": (0.25e6, 0.4e6),
+    "resnetd_tiny_28": (0.06e6, 0.1e6),
     "swind_tiny_28": (1.0e6, 1.5e6),
     "swind_tiny_32": (1.0e6, 1.5e6),
 }

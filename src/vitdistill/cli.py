@@ -79,9 +79,14 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_datafree_demo, run_demo
 
-    run_demo(output_dir=args.output_dir, fraction=args.fraction, quick=args.quick, full=args.full)
+    if args.datafree:
+        if args.full or args.fraction is not None:
+            raise ConfigError("--datafree reads no real training image: it takes no --full or --fraction")
+        run_datafree_demo(output_dir=args.output_dir, quick=args.quick)
+    else:
+        run_demo(output_dir=args.output_dir, fraction=args.fraction, quick=args.quick, full=args.full)
     return 0
 
 
@@ -146,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fraction", type=float, help="share of the training set (default: 0.05, or 0.1 with --full)")
     d.add_argument("--full", action="store_true",
                    help="10%% of the data, 8 epochs, and a CNN teacher trained on the same subset")
+    d.add_argument("--datafree", action="store_true",
+                   help="a short online data-free run instead (DF-DearKD, no real training image; about 6 min)")
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     d.set_defaults(func=cmd_demo)
 

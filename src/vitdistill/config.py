@@ -146,6 +146,35 @@ class SynthesisConfig:
 
 
 @dataclass
+class DataFreeConfig:
+    """Online data-free training (docs/methods.md §1.7): no real training image; the run synthesises a batch
+    from the teacher every round, against the current student, into an image bank, and the student takes
+    ``steps_per_round`` steps on minibatches drawn from the bank. The inversion losses and the batch layout
+    come from the ``synthesis`` section."""
+
+    online: bool = False
+    synthesizer: str = "generator"  # generator (weights carry over between rounds) | pixel (DeepInversion)
+    rounds_per_epoch: int = 20
+    steps_per_round: int = 5  # student steps per round, each on a minibatch drawn from the bank
+    synthesis_steps: int = 10  # optimisation steps per round (of the generator, or of the pixels)
+    first_round_steps: int = 200  # of the first round: a generator starts from random weights (warm-up)
+    images_per_round: int | None = None  # generator: images added per round (a multiple of synthesis.batch_size,
+    # the optimised batch plus fresh draws of the updated generator); pixel: synthesis.batch_size. null: batch_size
+    warm_start: bool = True  # pixel: start a round from the previous round's images
+    generator_lr: float = 1e-3
+    latent_dim: int = 64
+    generator_width: int = 32
+    adversarial_weight: float = 1.0  # seek images where student and teacher disagree (JS divergence)
+    adversarial_temperature: float = 1.0
+    adversarial_agree_only: bool = True  # count only images on which the two still agree (keeps them in-class)
+    bank_size: int | None = None  # the student samples from the newest this many images; null: all of them
+    targets: str = "teacher"  # stage 1 targets: teacher (soft, on the exact view) | labels (synthesis labels)
+    stage2_targets: str = "labels"  # the same for stage 2 (dearkd); labels: the teacher is not run there
+    target_temperature: float = 1.0
+    samples_every: int = 20  # rounds between samples.png grids of the newest batch
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +183,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -241,7 +271,7 @@ def validate(cfg: Config) -> None:
     check(t.clip_grad is None or t.clip_grad > 0, f"train.clip_grad={t.clip_grad} must be positive or null")
     check(0.0 < t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in (0, 1)")
     check(t.amp_dtype in ("bfloat16", "float16"), f"train.amp_dtype='{t.amp_dtype}' must be bfloat16 or float16")
-    check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be at least 1")
+    check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: never evaluate, read no test image)")
     check(t.log_interval >= 1, f"train.log_interval={t.log_interval} must be at least 1")
     dev = t.device
     check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
@@ -261,8 +291,42 @@ def validate(cfg: Config) -> None:
     for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "diversity_weight", "boundary_weight"):
         check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
     feature_boundary = y.boundary == "feature" and y.boundary_weight > 0
+    validate_datafree(cfg)
     check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
            f"synthesis.per_class={y.per_class}: intra-divergence and the feature boundary need at least 2 images "
            "of a class per batch")
     check(not feature_boundary or y.batch_size // y.per_class >= 2,
            f"synthesis.batch_size={y.batch_size} holds one class: the feature boundary needs at least 2 classes per batch")
+
+
+def validate_datafree(cfg: Config) -> None:
+    f = cfg.datafree
+    if not f.online:
+        return
+    check(f.synthesizer in ("generator", "pixel"), f"datafree.synthesizer='{f.synthesizer}' must be generator or pixel")
+    for name in ("rounds_per_epoch", "steps_per_round", "synthesis_steps", "first_round_steps", "latent_dim",
+                 "generator_width",
+                 "samples_every"):
+        check(getattr(f, name) >= 1, f"datafree.{name}={getattr(f, name)} must be at least 1")
+    check(cfg.synthesis.per_class >= 2, f"synthesis.per_class={cfg.synthesis.per_class} must be at least 2 online "
+          "(the per-round class diversity compares images of a class)")
+    n, b = f.images_per_round, cfg.synthesis.batch_size
+    check(n is None or (n >= b and n % b == 0),
+          f"datafree.images_per_round={n} must be a multiple of synthesis.batch_size={b} (or null)")
+    check(n in (None, b) or f.synthesizer == "generator",
+          f"datafree.images_per_round={n}: the pixel synthesiser adds its optimised batch (synthesis.batch_size={b}) "
+          "per round; set it to null")
+    check(f.generator_lr > 0, f"datafree.generator_lr={f.generator_lr} must be positive")
+    check(f.adversarial_weight >= 0, f"datafree.adversarial_weight={f.adversarial_weight} must be >= 0")
+    for name in ("adversarial_temperature", "target_temperature"):
+        check(getattr(f, name) > 0, f"datafree.{name}={getattr(f, name)} must be > 0")
+    for name in ("targets", "stage2_targets"):
+        check(getattr(f, name) in ("teacher", "labels"), f"datafree.{name}='{getattr(f, name)}' must be teacher or labels")
+    check(f.bank_size is None or f.bank_size >= cfg.data.batch_size,
+          f"datafree.bank_size={f.bank_size} must be null or at least data.batch_size={cfg.data.batch_size}")
+    check(not cfg.data.synthetic, f"data.synthetic='{cfg.data.synthetic}' and datafree.online=true: an online run "
+          "makes its own training images; drop one of the two")
+    check(cfg.data.fraction == 1.0, f"data.fraction={cfg.data.fraction}: an online data-free run reads no training "
+          "split to take a fraction of")
+    check(bool(cfg.teacher.name and (cfg.teacher.checkpoint or cfg.teacher.pretrained)),
+          "datafree.online=true needs a trained teacher: teacher.name and teacher.checkpoint")

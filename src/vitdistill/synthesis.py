@@ -27,27 +27,12 @@ from torch import nn
 from .config import Config, ConfigError, SynthesisConfig, save_config
 from .data import load_test_split
 from .engine.distributed import resolve_device
-from .errors import VitdistillError
 from .io import atomic_open, atomic_write_text, read_safetensors, write_safetensors
-from .losses.inversion import (
-    BatchNormStatistics,
-    boundary_preserving_loss,
-    image_l2,
-    intra_divergence_loss,
-    logit_margin_loss,
-    total_variation_l2,
-)
 from .models.factory import build_model
 from .rng import seed_everything
-from .schedule import cosine_with_warmup
+from .synthesizers import LOSS_TERMS, InversionObjective, PixelSynthesizer, SynthesisError, teacher_outputs
 
 __all__ = ["SynthesisError", "class_diversity", "run_synthesis", "synthesis_labels", "synthesize_batch"]
-
-LOSS_TERMS = ("ce", "bn", "tv", "l2", "diversity", "boundary")
-
-
-class SynthesisError(VitdistillError, RuntimeError):
-    """The optimisation of a batch diverged."""
 
 
 def synthesis_labels(num_classes: int, images_per_class: int, per_class: int) -> torch.Tensor:
@@ -56,66 +41,14 @@ def synthesis_labels(num_classes: int, images_per_class: int, per_class: int) ->
     return torch.arange(num_classes).repeat(images_per_class // per_class).repeat_interleave(per_class)
 
 
-def _teacher_outputs(teacher: nn.Module, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits and (when asked) the pooled penultimate features, from one pass (timm's model API)."""
-    if not features:
-        return teacher(x), None
-    h = teacher.forward_features(x)
-    return teacher.forward_head(h), teacher.forward_head(h, pre_logits=True).flatten(1)
-
-
 def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, syn: SynthesisConfig, shape: tuple[int, int, int],
                      mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Optimise one batch of images (normalised space, ``(B, *shape)``) for ``labels``; returns the images
-    and the loss terms of the last step. ``teacher`` is frozen and in eval mode."""
-    if teacher.training or any(p.requires_grad for p in teacher.parameters()):
-        raise ValueError("synthesize_batch needs a frozen teacher in eval mode (teacher.eval().requires_grad_(False)): "
-                         "in train mode its BatchNorm layers would use and overwrite the statistics being matched")
-    device = labels.device
-    g = torch.Generator().manual_seed(seed)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    lo, hi = (0 - m) / s, (1 - m) / s  # the valid pixel range [0, 1] in normalised units
-    x = torch.randn((len(labels), *shape), generator=g).to(device).clamp_(lo, hi).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=syn.lr, betas=(0.5, 0.9), eps=1e-8)
-    use_features = syn.diversity_weight > 0 or (syn.boundary == "feature" and syn.boundary_weight > 0)
-    weights = {"ce": 1.0, "bn": syn.bn_weight, "tv": syn.tv_weight, "l2": syn.l2_weight,
-               "diversity": syn.diversity_weight, "boundary": syn.boundary_weight}
-    bn = BatchNormStatistics(teacher, syn.first_bn_multiplier)
-    try:
-        for it in range(syn.iterations):
-            for group in opt.param_groups:
-                group["lr"] = cosine_with_warmup(it, syn.iterations, syn.warmup_iterations, syn.lr, 0.0, 0.0)
-            dy, dx = (int(v) for v in torch.randint(-syn.jitter, syn.jitter + 1, (2,), generator=g))
-            xj = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            if syn.flip and torch.rand((), generator=g) < 0.5:
-                xj = xj.flip(3)
-            logits, feats = _teacher_outputs(teacher, xj, use_features)
-            terms = {"ce": F.cross_entropy(logits.float(), labels), "bn": bn.loss(), "tv": total_variation_l2(xj),
-                     "l2": image_l2(xj)}
-            terms["diversity"] = intra_divergence_loss(feats, labels) if syn.diversity_weight > 0 else x.new_zeros(())
-            terms["boundary"] = _boundary(syn, logits, feats, labels)
-            total = sum(weights[k] * terms[k] for k in LOSS_TERMS)
-            if not torch.isfinite(total):
-                raise SynthesisError(f"synthesis loss became {total.item()} at iteration {it} "
-                                     f"({ {k: float(v) for k, v in terms.items()} }); lower synthesis.lr")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            with torch.no_grad():
-                x.clamp_(lo, hi)
-    finally:
-        bn.remove()
-    return x.detach(), {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
-
-
-def _boundary(syn: SynthesisConfig, logits: torch.Tensor, feats: torch.Tensor | None,
-              labels: torch.Tensor) -> torch.Tensor:
-    if syn.boundary_weight == 0 or syn.boundary == "none":
-        return logits.new_zeros(())
-    if syn.boundary == "logit":
-        return logit_margin_loss(logits, labels, syn.boundary_margin)
-    return boundary_preserving_loss(feats, labels, syn.boundary_margin)
+    """Optimise one batch of images (normalised space, ``(B, *shape)``) for ``labels`` from noise for
+    ``synthesis.iterations`` steps; returns the images and the loss terms of the last step. ``teacher`` is
+    frozen and in eval mode."""
+    with InversionObjective(teacher, syn) as objective:
+        x, _, terms = PixelSynthesizer(shape, mean, std, syn, syn.iterations).synthesize(objective, labels, seed)
+    return x, terms
 
 
 def to_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -134,7 +67,7 @@ def from_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 def class_diversity(teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Mean squared distance between L2-normalised teacher features of same-class images (0 = all alike,
     at most 4): how much of its class a synthetic set covers, as the teacher sees it."""
-    feats = torch.cat([_teacher_outputs(teacher, x[i:i + batch_size], True)[1] for i in range(0, len(x), batch_size)])
+    feats = torch.cat([teacher_outputs(teacher, x[i:i + batch_size], True)[1] for i in range(0, len(x), batch_size)])
     feats = F.normalize(feats.float(), dim=1)
     dists = [torch.pdist(feats[labels == c]).pow(2).mean() for c in labels.unique() if (labels == c).sum() > 1]
     return float(torch.stack(dists).mean())
@@ -145,7 +78,7 @@ def _predict(teacher: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torc
     return torch.cat([teacher(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def _save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 10) -> None:
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 10) -> None:
     """Up to ``per_row`` images of each class, one class per row, as a PNG."""
     from PIL import Image
     from torchvision.utils import make_grid
@@ -228,7 +161,7 @@ def _assemble(cfg: Config, run_dir: Path, shards: list[Path], teacher: nn.Module
     columns = ["batch", *terms[0]]
     atomic_write_text(run_dir / "synthesis.csv", "\n".join(
         [",".join(columns)] + [",".join([str(b)] + [f"{t[k]:.6g}" for k in columns[1:]]) for b, t in enumerate(terms)]) + "\n")
-    _save_grid(images, labels, run_dir / "samples.png")
+    save_grid(images, labels, run_dir / "samples.png")
     stored = from_uint8(images, *normalization).to(device)
     summary = {
         "run": str(run_dir), "images": len(labels), "num_classes": num_classes,

@@ -121,8 +121,8 @@ def _find_idx(folder: Path, base: str) -> Path | None:
     return None
 
 
-def _has_fashion_mnist(folder: Path) -> bool:
-    return all(_find_idx(folder, base) is not None for pair in FASHION_MNIST_FILES.values() for base in pair)
+def _has_fashion_mnist(folder: Path, splits: Sequence[str]) -> bool:
+    return all(_find_idx(folder, base) is not None for split in splits for base in FASHION_MNIST_FILES[split])
 
 
 def _search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
@@ -143,11 +143,12 @@ def _search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
     return out
 
 
-def _not_found_message(searched: Sequence[Path], extra: str = "") -> str:
+def _not_found_message(searched: Sequence[Path], extra: str = "", files: str = "") -> str:
     places = "\n".join(f"  - {p}" for p in searched)
+    files = files or ("train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+                      "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]")
     return (
-        "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) were not found in any of:\n"
+        f"Fashion-MNIST IDX files ({files}) were not found in any of:\n"
         f"{places}\n{extra}"
         "Fix: install Debian's package dataset-fashion-mnist (`apt-get update && apt-get install "
         "dataset-fashion-mnist`, files go to /usr/share/datasets/fashion-mnist/), or set "
@@ -156,17 +157,19 @@ def _not_found_message(searched: Sequence[Path], extra: str = "") -> str:
     )
 
 
-def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files.
+def find_fashion_mnist(root: str | os.PathLike[str] | None = None, splits: Sequence[str] = ("train", "test")) -> Path:
+    """The folder holding the Fashion-MNIST IDX files of ``splits`` (all four files by default; a
+    data-free run asks for the two test files only).
 
     Search order: ``root``, ``$VITDISTILL_DATA``, then ``DEFAULT_SEARCH_DIRS``; each folder is also
     tried with a ``fashion-mnist`` and a ``FashionMNIST/raw`` (torchvision) subfolder.
     """
     searched = _search_dirs(root)
     for folder in searched:
-        if _has_fashion_mnist(folder):
+        if _has_fashion_mnist(folder, splits):
             return folder
-    raise DataError(_not_found_message(searched))
+    files = ", ".join(f"{b}[.gz]" for split in splits for b in FASHION_MNIST_FILES[split])
+    raise DataError(_not_found_message(searched, files=files))
 
 
 def load_fashion_mnist(folder: str | os.PathLike[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +197,7 @@ def load_fashion_mnist(folder: str | os.PathLike[str], split: str) -> tuple[torc
 
 def _fashion_mnist(cfg: DataConfig, with_train: bool) -> tuple[TensorImageDataset | None, TensorImageDataset, list[str]]:
     try:
-        folder = find_fashion_mnist(cfg.root)
+        folder = find_fashion_mnist(cfg.root, ("train", "test") if with_train else ("test",))
     except DataError:
         if not cfg.download:
             raise
@@ -416,16 +419,34 @@ def load_test_split(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, list[str],
     return val, class_names, mean, std
 
 
-def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0) -> DataBundle:
+def _no_images(cfg: DataConfig) -> TensorImageDataset:
+    return TensorImageDataset(torch.zeros((0, cfg.in_chans, cfg.img_size, cfg.img_size), dtype=torch.uint8),
+                              torch.zeros(0, dtype=torch.long))
+
+
+def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0, real_train: bool = True,
+               evaluation: bool = True) -> DataBundle:
     """Build train/val datasets, the class-balanced train subset, transforms and Mixup from ``cfg``.
 
     The subset uses ``cfg.subset_seed`` when set, else ``seed`` (the run seed). With ``cfg.synthetic`` the
-    train split is that file's images and the real one is not read (Fashion-MNIST, random).
+    train split is that file's images; with ``real_train=False`` (online data-free training) it is empty.
+    Either way the real training split is not read (Fashion-MNIST, random). With ``evaluation=False`` the
+    test split is not read either and ``val`` is empty: a data-free run then reads no real image at all
+    (Fashion-MNIST, whose class names are known without its files).
     """
     validate_data(cfg)
-    train, val, class_names = _splits(cfg, seed, with_train=not cfg.synthetic)
+    use_real_train = real_train and not cfg.synthetic
+    if evaluation:
+        train, val, class_names = _splits(cfg, seed, with_train=use_real_train)
+    else:
+        if use_real_train or cfg.name != "fashion-mnist":
+            raise DataError(f"train.eval_every=0 (no test split) is supported for data-free runs on fashion-mnist, "
+                            f"not for data.name='{cfg.name}'" + (" with a real training split" if use_real_train else ""))
+        train, val, class_names = None, _no_images(cfg), list(FASHION_MNIST_CLASSES)
     if cfg.synthetic:
         train = load_synthetic(cfg, len(class_names))
+    elif not real_train:
+        train = _no_images(cfg)
     assert train is not None
     mean, std = _normalization(cfg)
     train.transform = build_transforms(cfg, True, mean, std)  # type: ignore[attr-defined]

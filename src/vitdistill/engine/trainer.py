@@ -34,6 +34,7 @@ from ..schedule import cosine_with_warmup
 from .checkpoint import atomic_torch_save, load_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
+from .online import OnlineDataFree
 from .runlog import Progress, TensorBoardLog, versions, write_metrics_csv, write_summary
 
 
@@ -64,10 +65,21 @@ def build_models(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module | 
 
 @dataclass
 class _Loaders:
-    train: DataLoader
-    train_sampler: DistributedSampler
+    train: DataLoader | OnlineDataFree
+    train_sampler: DistributedSampler | OnlineDataFree  # what set_epoch() is called on
     val: DataLoader
     steps_per_epoch: int
+
+
+def _val_loader(cfg: Config, data, info: DistInfo) -> DataLoader:
+    # evaluation shards are disjoint (no padding), so reduced counts are exact
+    val_indices = list(range(info.rank, len(data.val), info.world_size))
+    return DataLoader(Subset(data.val, val_indices), batch_size=cfg.data.eval_batch_size, shuffle=False,
+                      num_workers=cfg.data.num_workers)
+
+
+def _steps(cfg: Config, steps: int) -> int:
+    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
 
 
 def _build_loaders(cfg: Config, data, info: DistInfo) -> _Loaders:
@@ -80,16 +92,10 @@ def _build_loaders(cfg: Config, data, info: DistInfo) -> _Loaders:
     train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
                        drop_last=drop_last, pin_memory=info.device.type == "cuda",
                        persistent_workers=d.num_workers > 0)
-    # evaluation shards are disjoint (no padding), so reduced counts are exact
-    val_indices = list(range(info.rank, len(data.val), info.world_size))
-    val = DataLoader(Subset(data.val, val_indices), batch_size=d.eval_batch_size, shuffle=False,
-                     num_workers=d.num_workers)
-    steps = len(train)
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps = _steps(cfg, len(train))
     if steps == 0:
         raise TrainingError(f"the training set ({len(data.train)} images) gives no batch of data.batch_size={d.batch_size}")
-    return _Loaders(train, sampler, val, steps)
+    return _Loaders(train, sampler, _val_loader(cfg, data, info), steps)
 
 
 class Trainer:
@@ -110,8 +116,13 @@ class Trainer:
 
         t = cfg.train
         params = parse_method_params(cfg.method.name, cfg.method.params)  # a bad param fails before any work
+        online = cfg.datafree.online
+        if online and self.info.enabled:
+            raise TrainingError("datafree.online=true runs in one process (the image bank is not sharded); "
+                                "start it without torchrun")
         seed_everything(cfg.run.seed + self.info.rank, cfg.run.deterministic)
-        self.data = build_data(cfg.data, seed=cfg.run.seed, label_smoothing=t.label_smoothing)
+        self.data = build_data(cfg.data, seed=cfg.run.seed, label_smoothing=t.label_smoothing,
+                               real_train=not online, evaluation=t.eval_every > 0)
         student, teacher = build_models(cfg, self.data.num_classes)
         self.metadata = model_metadata(cfg, self.data.num_classes)
         self.distiller: Distiller = build_method(cfg.method.name, params, student, teacher,
@@ -121,7 +132,14 @@ class Trainer:
         self.distiller.prepare(self.data.train, cfg.run.seed)
         if t.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
-        self.loaders = _build_loaders(cfg, self.data, self.info)
+        self.online: OnlineDataFree | None = None
+        if online:
+            self.online = OnlineDataFree(cfg, self.distiller.student, self.distiller.teacher, self.data.num_classes,
+                                         self.data.mean, self.data.std, self.device, self.run_dir)
+            self.loaders = _Loaders(self.online, self.online, _val_loader(cfg, self.data, self.info),
+                                    _steps(cfg, len(self.online)))
+        else:
+            self.loaders = _build_loaders(cfg, self.data, self.info)
         self.total_steps = t.epochs * self.loaders.steps_per_epoch
         self.warmup_steps = round(warmup_epochs(t.warmup_epochs, t.epochs, self.quiet) * self.loaders.steps_per_epoch)
 
@@ -190,6 +208,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "wall_time": self.wall_time,
+            "online": self.online.state_dict() if self.online else None,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -209,12 +228,16 @@ class Trainer:
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.wall_time = state["wall_time"]
+        if self.online is not None:
+            self.online.load_state_dict(state["online"])
         restore_rng_state(state["rng"])
 
     def _save(self, epoch: int) -> None:
         if self.info.is_main:
             atomic_torch_save(self._state(epoch), self.run_dir / LAST_CHECKPOINT)
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            if self.online is not None:
+                self.online.write_log()
         barrier(self.info)
 
     # -- loop -----------------------------------------------------------------------------------
@@ -252,6 +275,8 @@ class Trainer:
             hard_targets = targets
             if self.data.mixup_fn is not None:
                 images, targets = self.data.mixup_fn(images, targets)
+            if self.online is not None:  # after mixup: the teacher labels the images the student sees
+                targets = self.online.targets(images, targets, self.distiller.stage)
             lr = self._set_lr()
             with self._amp():
                 logits, losses = self.model(images, targets)
@@ -293,7 +318,7 @@ class Trainer:
         if self.info.is_main and not self.quiet:
             n_student = count_params(self.distiller.student)
             print(f"run '{self.run_dir}': {self.cfg.model.name} ({n_student / 1e6:.2f}M params), method "
-                  f"'{self.cfg.method.name}', {len(self.data.train)} training images, {t.epochs} epochs x "
+                  f"'{self.cfg.method.name}', {self._train_images()}, {t.epochs} epochs x "
                   f"{self.loaders.steps_per_epoch} steps, device {self.device}, {self.info.world_size} process(es)",
                   flush=True)
         try:
@@ -306,7 +331,7 @@ class Trainer:
                 row: dict[str, Any] = {"epoch": epoch + 1, "stage": self.distiller.stage}
                 row.update(self.train_one_epoch(epoch))
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
-                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                if t.eval_every and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
                     val = evaluate(self.distiller, self.loaders.val, self.device, self.info, self._amp())
                     row.update({f"val_{k}": v for k, v in val.items()})
                     if self.ema is not None:
@@ -329,6 +354,13 @@ class Trainer:
         finally:
             self.tb.close()
 
+    def _train_images(self) -> str:
+        if self.online is None:
+            return f"{len(self.data.train)} training images"
+        f = self.cfg.datafree
+        return (f"no real training image (online {f.synthesizer} synthesis: {f.rounds_per_epoch} rounds of "
+                f"{f.images_per_round or self.cfg.synthesis.batch_size} images per epoch)")
+
     def _finish(self) -> dict[str, Any]:
         last = self.history[-1]
         summary = {
@@ -336,10 +368,10 @@ class Trainer:
             "model": self.cfg.model.name,
             "method": self.cfg.method.name,
             "student_params": count_params(self.distiller.student),
-            "train_images": len(self.data.train),
+            "train_images": len(self.online.bank) if self.online else len(self.data.train),
             "epochs": self.cfg.train.epochs,
             "seed": self.cfg.run.seed,
-            "best_top1": self.best["top1"],
+            "best_top1": self.best["top1"] if self.best["top1"] >= 0 else None,
             "best_top5": self.best.get("top5"),
             "best_epoch": self.best.get("epoch"),
             "last_top1": last.get("val_top1"),
@@ -348,6 +380,9 @@ class Trainer:
             "world_size": self.info.world_size,
             "versions": versions(),
         }
+        if self.online is not None:
+            summary["bank"] = str(self.online.export_bank()) if self.info.is_main else None
+            summary["synthesis_s"] = sum(row["synthesis_s"] for row in self.online.log)
         if self.info.is_main:
             save_weights(self.distiller.student, self.run_dir / "last.safetensors",
                          self.metadata)

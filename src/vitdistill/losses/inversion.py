@@ -6,12 +6,14 @@ intra-divergence (same-class images pushed apart, but not past the nearest other
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNormStatistics", "boundary_preserving_loss", "image_l2", "intra_divergence_loss",
-           "logit_margin_loss", "total_variation_l2"]
+__all__ = ["BatchNormStatistics", "adversarial_divergence", "boundary_preserving_loss", "image_l2",
+           "intra_divergence_loss", "js_divergence", "logit_margin_loss", "total_variation_l2"]
 
 
 class BatchNormStatistics:
@@ -105,3 +107,25 @@ def logit_margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float)
     target = z.gather(1, labels[:, None]).squeeze(1)
     runner_up = z.scatter(1, labels[:, None], float("-inf")).amax(1)
     return F.relu(margin - (target - runner_up)).mean()
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row Jensen-Shannon divergence (natural log, in [0, ln 2]) of ``softmax(a / T)`` and
+    ``softmax(b / T)``: ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``."""
+    log_p = F.log_softmax(logits_a.float() / temperature, dim=1)
+    log_q = F.log_softmax(logits_b.float() / temperature, dim=1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum(1) + (log_q.exp() * (log_q - log_m)).sum(1))
+
+
+def adversarial_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                           agree_only: bool = True) -> torch.Tensor:
+    """How much the student disagrees with the teacher on a batch: the mean JS divergence of their
+    tempered outputs (0 when they agree). Synthesis *maximises* it (Adaptive DeepInversion's competition
+    term, ``1 - JS``, up to a constant) to find images the student has not learned yet. With ``agree_only``
+    only images on which both still predict the same class count (CMI / Fast-DFKD's mask): once the
+    student is wrong on an image, pushing further would only drive it off the class."""
+    js = js_divergence(teacher_logits, student_logits, temperature)
+    if agree_only:
+        js = js * (teacher_logits.argmax(1) == student_logits.argmax(1)).float()
+    return js.mean()
