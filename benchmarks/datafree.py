@@ -29,7 +29,6 @@ from common import (
     REPO,
     Run,
     aggregate,
-    format_table,
     mean_std,
     parse_profile_args,
     run_all,
@@ -56,19 +55,36 @@ SETS = {  # fixed set: synthesis overrides of synthesize.yaml
     "fixed set, plain DeepInversion": ["synthesis.diversity_weight=0", "synthesis.boundary_weight=0"],
     "fixed set, DeepInversion + intra-divergence": [],
 }
-PROFILES = {
-    "quick": {"seeds": [0], "epochs": 1, "rounds": 6, "steps": 4, "synthesis_steps": 3, "first_round_steps": 30,
+FULL, SMALL = "full budget", "ablation budget"
+PROFILES = {  # a budget: (epochs, rounds per epoch); every round takes `steps` student steps
+    "quick": {"seeds": [0], "full": (1, 6), "small": (1, 6), "steps": 4, "synthesis_steps": 3, "first_round_steps": 30,
               "budgets": [1, 3, 6], "set_images_per_class": 16, "set_iterations": 40},
-    "full": {"seeds": [0, 1], "epochs": 6, "rounds": 20, "steps": 10, "synthesis_steps": 5, "first_round_steps": 300,
-             "budgets": [2, 5, 10], "set_images_per_class": 200, "set_iterations": 200},
+    "full": {"seeds": [0, 1], "full": (4, 20), "small": (2, 10), "steps": 10, "synthesis_steps": 5,
+             "first_round_steps": 300, "budgets": [2, 5, 10], "set_images_per_class": 200, "set_iterations": 200},
 }
+HEADLINE = [ONLINE, "CNN student (resnetd_tiny_28) online"]  # the rest of ROWS are ablations
 
 
-def online_overrides(p: dict, synthesis_steps: int | None = None) -> list[str]:
-    return [f"train.epochs={p['epochs']}", f"datafree.rounds_per_epoch={p['rounds']}",
-            f"datafree.steps_per_round={p['steps']}", f"datafree.first_round_steps={p['first_round_steps']}",
-            f"datafree.synthesis_steps={synthesis_steps or p['synthesis_steps']}", f"train.eval_every={p['epochs']}",
-            f"train.warmup_epochs={p['epochs'] * 0.1:.2f}", "data.eval_batch_size=1000"]
+def epochs_rounds(p: dict, budget: str) -> tuple[int, int]:
+    return p["full" if budget == FULL else "small"]
+
+
+def online_overrides(p: dict, budget: str, synthesis_steps: int | None = None) -> list[str]:
+    epochs, rounds = epochs_rounds(p, budget)
+    return [f"train.epochs={epochs}", f"datafree.rounds_per_epoch={rounds}", f"datafree.steps_per_round={p['steps']}",
+            f"datafree.first_round_steps={p['first_round_steps']}",
+            f"datafree.synthesis_steps={synthesis_steps or p['synthesis_steps']}", f"train.eval_every={epochs}",
+            f"train.warmup_epochs={epochs * 0.1:.2f}", "data.eval_batch_size=1000"]
+
+
+def student_steps(p: dict, budget: str) -> int:
+    epochs, rounds = epochs_rounds(p, budget)
+    return epochs * rounds * p["steps"]
+
+
+def column(p: dict, budget: str) -> str:
+    """Where the small budget equals the full one, the ablations share the full runs."""
+    return FULL if p["small"] == p["full"] else budget
 
 
 def set_dir(out: Path, name: str, seed: int) -> Path:
@@ -88,23 +104,24 @@ def synthesize(out: Path, name: str, seed: int, p: dict, threads: int) -> dict:
 
 
 def build_runs(p: dict, out: Path) -> list[Run]:
-    steps = p["epochs"] * p["rounds"] * p["steps"]  # student steps of every row
     runs = []
     for seed in p["seeds"]:
         for row, (config, extra) in ROWS.items():
-            runs.append(Run(row, "top-1", seed, str(CONFIGS / config), online_overrides(p) + extra))
-        for budget in p["budgets"]:
-            if budget != p["synthesis_steps"]:
-                runs.append(Run(ONLINE, f"synthesis_steps={budget}", seed, str(CONFIGS / "df_dearkd_online.yaml"),
-                                online_overrides(p, budget)))
-        for name in SETS:
-            images = p["set_images_per_class"] * 10
-            batch = 128
-            epochs = max(1, round(steps * batch / images))
-            runs.append(Run(name, "top-1", seed, str(CONFIGS / "df_dearkd.yaml"), [
+            budget = FULL if row in HEADLINE else SMALL
+            runs.append(Run(row, column(p, budget), seed, str(CONFIGS / config), online_overrides(p, budget) + extra))
+        if column(p, SMALL) == SMALL:  # the reference of the ablations, at their budget
+            runs.append(Run(ONLINE, SMALL, seed, str(CONFIGS / "df_dearkd_online.yaml"), online_overrides(p, SMALL)))
+        for b in p["budgets"]:
+            if b != p["synthesis_steps"]:
+                runs.append(Run(ONLINE, f"{column(p, SMALL)}, synthesis_steps={b}", seed,
+                                str(CONFIGS / "df_dearkd_online.yaml"), online_overrides(p, SMALL, b)))
+        batch = 128
+        epochs = -(-student_steps(p, FULL) // (p["set_images_per_class"] * 10 // batch))  # full batches per epoch
+        for name in SETS:  # at least as many student steps as the full-budget online row
+            runs.append(Run(name, FULL, seed, str(CONFIGS / "df_dearkd.yaml"), [
                 f"data.synthetic={os.path.relpath(set_dir(out, name, seed) / 'images.safetensors', REPO)}",
-                f"data.batch_size={batch}", f"train.epochs={epochs}", f"train.max_steps_per_epoch={-(-steps // epochs)}",
-                f"train.eval_every={epochs}", f"train.warmup_epochs={epochs * 0.1:.2f}", "data.eval_batch_size=1000"]))
+                f"data.batch_size={batch}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
+                f"train.warmup_epochs={epochs * 0.1:.2f}", "data.eval_batch_size=1000"]))
     return runs
 
 
@@ -139,38 +156,41 @@ def main() -> None:
     runs = build_runs(p, out)
     results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
-    hours = {}
+    minutes: dict[tuple[str, str], list[float]] = {}
     for r in runs:
-        seconds = results[r.name]["wall_time_s"]
-        if r.group in SETS:
-            seconds += sets[(r.group, r.seed)]["synthesis_seconds"]
-        hours.setdefault((r.group, r.column), []).append(seconds / 60)
-    rows = [ONLINE, *list(ROWS)[1:], *SETS]
-    lines = ["| row | top-1 (real test set) | ratio to the teacher | minutes per run (synthesis + training) |",
-             "|---|---|---|---|"]
-    for row in rows:
-        m, s = mean_std(table[(row, "top-1")])
-        lines.append(f"| {row} | {m:.2f} ± {s:.2f} (n={len(table[(row, 'top-1')])}) | {m / TEACHER_TOP1:.3f} | "
-                     f"{mean_std(hours[(row, 'top-1')])[0]:.1f} |")
-    points = {b: table[(ONLINE, "top-1" if b == p["synthesis_steps"] else f"synthesis_steps={b}")] for b in p["budgets"]}
+        seconds = results[r.name]["wall_time_s"] + (sets[(r.group, r.seed)]["synthesis_seconds"] if r.group in SETS else 0)
+        minutes.setdefault((r.group, r.column), []).append(seconds / 60)
+    small = column(p, SMALL)
+    lines = ["| row | budget | top-1 (real test set) | ratio to the teacher | minutes per run (synthesis + training) |",
+             "|---|---|---|---|---|"]
+    for row, budget in [(ONLINE, FULL), *((name, FULL) for name in SETS), (HEADLINE[1], FULL), (ONLINE, small),
+                        *((row, small) for row in ROWS if row not in HEADLINE)]:
+        values = table[(row, budget)]
+        m, s = mean_std(values)
+        lines.append(f"| {row} | {budget} | {m:.2f} ± {s:.2f} (n={len(values)}) | {m / TEACHER_TOP1:.3f} | "
+                     f"{mean_std(minutes[(row, budget)])[0]:.1f} |")
+    points = {b: table[(ONLINE, small if b == p["synthesis_steps"] else f"{small}, synthesis_steps={b}")]
+              for b in p["budgets"]}
     plot_path = REPO / "benchmarks" / f"datafree_compute_{profile_name}.png"
     plot(points, plot_path)
-    steps = p["epochs"] * p["rounds"] * p["steps"]
+    budgets = "; ".join(f"{name}: {student_steps(p, name)} student steps ({epochs_rounds(p, name)[0]} epochs x "
+                        f"{epochs_rounds(p, name)[1]} rounds x {p['steps']} steps)" for name in (FULL, SMALL))
     text = "\n".join([
         *section_header(
             f"Online data-free distillation ({profile_name} profile)",
             f"python benchmarks/datafree.py --profile {profile_name} --jobs {jobs}",
             f"Setting: teacher `weights/resnetd_small_28_fmnist.safetensors` ({TEACHER_TOP1}%); no real training "
-            f"image; every row takes {steps} student steps at batch 128 ({p['epochs']} epochs x {p['rounds']} rounds x "
-            f"{p['steps']} steps; the fixed-set rows as many steps over their set of {p['set_images_per_class'] * 10} "
-            f"images made with {p['set_iterations']} iterations per batch); {p['synthesis_steps']} synthesis steps per "
-            f"round after a first round of {p['first_round_steps']}; seeds {p['seeds']}; top-1 after the last epoch on "
-            "the real 10k test set, mean ± sample std.  ",
-            f"Compute: {sum(sum(v) for v in hours.values()) / 60:.2f} h summed over runs; wall time of this invocation "
-            f"{(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone)."), "",
+            f"image; batch 128; {budgets}. The fixed-set rows take as many steps as the full-budget online row over "
+            f"a set of {p['set_images_per_class'] * 10} images made with {p['set_iterations']} iterations per batch. "
+            f"{p['synthesis_steps']} synthesis steps per round after a first round of {p['first_round_steps']}; seeds "
+            f"{p['seeds']}; top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
+            f"Compute: {sum(sum(v) for v in minutes.values()) / 60:.2f} h summed over runs; wall time of this "
+            f"invocation {(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone)."), "",
         *lines, "",
-        format_table(table, [ONLINE], [f"synthesis_steps={b}" for b in p["budgets"] if b != p["synthesis_steps"]],
-                     "top-1 at"), "",
+        "Accuracy against synthesis compute (generator steps per round, the ablation budget):", "",
+        "| synthesis_steps | " + " | ".join(str(b) for b in p["budgets"]) + " |",
+        "|---|" + "---|" * len(p["budgets"]),
+        "| top-1 | " + " | ".join("{:.2f} ± {:.2f}".format(*mean_std(points[b])) for b in p["budgets"]) + " |", "",
         f"![accuracy against synthesis compute](benchmarks/{plot_path.name})",
         *(["", "The quick profile is a pipeline check (one seed, a few steps): not evidence."]
           if profile_name == "quick" else []),

@@ -11,7 +11,7 @@ import torch
 
 from test_trainer import read_metrics
 from vitdistill.config import ConfigError, SynthesisConfig, TeacherConfig, config_from_dict
-from vitdistill.data import datasets, find_fashion_mnist
+from vitdistill.data import datasets, find_fashion_mnist, load_synthetic
 from vitdistill.engine import load_checkpoint
 from vitdistill.engine.trainer import train
 from vitdistill.io import read_safetensors, write_safetensors
@@ -168,6 +168,8 @@ def test_killed_online_run_resumes_to_the_same_bank_and_metrics(online_values, t
     assert resumed["last_top1"] == full["last_top1"] and full["train_images"] == len(a) * len(a[0]["labels"])
     exported = read_safetensors(killed / "bank" / "images.safetensors")[0]
     assert torch.equal(exported["images"], torch.cat([x["images"] for x in a]))
+    reused = load_synthetic(config_from_dict({"data": {"synthetic": str(killed / "bank" / "images.safetensors")}}).data, 10)
+    assert len(reused) == full["train_images"]  # the bank is a train split for another run
 
 
 def test_online_run_reads_no_training_image_and_keeps_the_teacher_frozen(online_values, tmp_path, monkeypatch):
