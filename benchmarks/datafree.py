@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -125,6 +126,15 @@ def build_runs(p: dict, out: Path) -> list[Run]:
     return runs
 
 
+def commit() -> str:
+    """The commit the runs were made with (as of this invocation), marked when the tree has changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "src", "configs", "benchmarks")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
+
+
 def plot(points: dict[int, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -163,7 +173,8 @@ def main() -> None:
     small = column(p, SMALL)
     lines = ["| row | budget | top-1 (real test set) | ratio to the teacher | minutes per run (synthesis + training) |",
              "|---|---|---|---|---|"]
-    for row, budget in [(ONLINE, FULL), *((name, FULL) for name in SETS), (HEADLINE[1], FULL), (ONLINE, small),
+    reference = [(ONLINE, small)] if small != FULL else []  # the ablations' own reference, where it is a run
+    for row, budget in [(ONLINE, FULL), *((name, FULL) for name in SETS), (HEADLINE[1], FULL), *reference,
                         *((row, small) for row in ROWS if row not in HEADLINE)]:
         values = table[(row, budget)]
         m, s = mean_std(values)
@@ -184,6 +195,7 @@ def main() -> None:
             f"a set of {p['set_images_per_class'] * 10} images made with {p['set_iterations']} iterations per batch. "
             f"{p['synthesis_steps']} synthesis steps per round after a first round of {p['first_round_steps']}; seeds "
             f"{p['seeds']}; top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
+            f"Code: commit {commit()}.  ",
             f"Compute: {sum(sum(v) for v in minutes.values()) / 60:.2f} h summed over runs; wall time of this "
             f"invocation {(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone)."), "",
         *lines, "",

@@ -155,13 +155,13 @@ class DataFreeConfig:
     online: bool = False
     synthesizer: str = "generator"  # generator (weights carry over between rounds) | pixel (DeepInversion)
     rounds_per_epoch: int = 20
-    steps_per_round: int = 5  # student steps per round, each on a minibatch drawn from the bank
-    synthesis_steps: int = 10  # optimisation steps per round (of the generator, or of the pixels)
-    first_round_steps: int = 200  # of the first round: a generator starts from random weights (warm-up)
+    steps_per_round: int = 10  # student steps per round, each on a minibatch drawn from the bank
+    synthesis_steps: int = 5  # optimisation steps per round (of the generator, or of the pixels)
+    first_round_steps: int = 300  # of the first round: a generator starts from random weights (warm-up)
     images_per_round: int | None = None  # generator: images added per round (a multiple of synthesis.batch_size,
     # the optimised batch plus fresh draws of the updated generator); pixel: synthesis.batch_size. null: batch_size
     warm_start: bool = True  # pixel: start a round from the previous round's images
-    generator_lr: float = 1e-3
+    generator_lr: float = 1e-2
     latent_dim: int = 64
     generator_width: int = 32
     adversarial_weight: float = 1.0  # seek images where student and teacher disagree (JS divergence)

@@ -430,19 +430,19 @@ def build_data(cfg: DataConfig, seed: int, label_smoothing: float = 0.0, real_tr
 
     The subset uses ``cfg.subset_seed`` when set, else ``seed`` (the run seed). With ``cfg.synthetic`` the
     train split is that file's images; with ``real_train=False`` (online data-free training) it is empty.
-    Either way the real training split is not read (Fashion-MNIST, random). With ``evaluation=False`` the
-    test split is not read either and ``val`` is empty: a data-free run then reads no real image at all
+    Either way the real training split is not read (Fashion-MNIST, random). With ``evaluation=False`` a
+    data-free run does not read the test split either (``val`` is empty) and so reads no real image at all
     (Fashion-MNIST, whose class names are known without its files).
     """
     validate_data(cfg)
     use_real_train = real_train and not cfg.synthetic
-    if evaluation:
+    if evaluation or use_real_train:
         train, val, class_names = _splits(cfg, seed, with_train=use_real_train)
-    else:
-        if use_real_train or cfg.name != "fashion-mnist":
-            raise DataError(f"train.eval_every=0 (no test split) is supported for data-free runs on fashion-mnist, "
-                            f"not for data.name='{cfg.name}'" + (" with a real training split" if use_real_train else ""))
+    elif cfg.name == "fashion-mnist":  # its class names are known without its files
         train, val, class_names = None, _no_images(cfg), list(FASHION_MNIST_CLASSES)
+    else:
+        raise DataError(f"a data-free run without evaluation reads no real image only on fashion-mnist; "
+                        f"data.name='{cfg.name}' needs its test split for the class names: set train.eval_every >= 1")
     if cfg.synthetic:
         train = load_synthetic(cfg, len(class_names))
     elif not real_train:
