@@ -4,9 +4,9 @@ image, taught by the shipped CNN (weights/resnetd_small_28_fmnist, 92.81% on the
 Rows, all at the same number of student steps and synthesis steps per round (the compute of each row, synthesis
 plus training, is in the table):
 - DF-DearKD online: the ViT student, generator synthesiser, adversarial term, intra-divergence + boundary,
-  teacher-relabelled views in stage 1, synthesis labels in stage 2 (configs/fashion_mnist/df_dearkd_online.yaml);
+  mixup/cutmix and teacher-relabelled views in both stages (configs/fashion_mnist/df_dearkd_online.yaml);
 - its ablations: no adversarial term; no intra-divergence/boundary (the paper's ablation); the pixel
-  synthesiser instead of the generator; stage 2 on teacher-relabelled views instead of the labels;
+  synthesiser instead of the generator; stage 2 on the synthesis labels (the paper's) instead of relabelled views;
 - the fixed sets of the first DF-DearKD benchmark (plain DeepInversion, DeepInversion + intra-divergence),
   `vitdistill synthesize` then df_dearkd.yaml, trained for as many steps;
 - the CNN student (resnetd_tiny_28) online, for the CNN-student literature (ZSKD: 0.88 of its teacher);
@@ -49,7 +49,7 @@ ROWS = {  # row: (config, overrides)
                                                 ["synthesis.diversity_weight=0", "synthesis.boundary_weight=0"]),
     "- pixel synthesiser (DeepInversion, warm start)": ("df_dearkd_online.yaml",
                                                         ["datafree.synthesizer=pixel", "datafree.images_per_round=null"]),
-    "- stage 2 on teacher-relabelled views": ("df_dearkd_online.yaml", ["datafree.stage2_targets=teacher"]),
+    "- stage 2 on the synthesis labels (the paper's)": ("df_dearkd_online.yaml", ["datafree.stage2_targets=labels"]),
     "CNN student (resnetd_tiny_28) online": ("df_cnn_online.yaml", []),
 }
 SETS = {  # fixed set: synthesis overrides of synthesize.yaml
