@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--full", action="store_true",
                    help="10%% of the data, 8 epochs, and a CNN teacher trained on the same subset")
     d.add_argument("--datafree", action="store_true",
-                   help="a short online data-free run instead (DF-DearKD, no real training image; about 6 min)")
+                   help="a short online data-free run instead (DF-DearKD, no real training image; about 9 min)")
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     d.set_defaults(func=cmd_demo)
 

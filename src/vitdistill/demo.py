@@ -130,7 +130,7 @@ def analyze_demo(configs: dict[str, Config], out_dir: Path, images: int) -> dict
 DATAFREE_CONFIG = "configs/fashion_mnist/df_dearkd_online.yaml"
 DATAFREE_SHORT = ["train.epochs=3", "datafree.rounds_per_epoch=10", "train.warmup_epochs=0.5", "train.eval_every=1",
                   "datafree.samples_every=10"]
-DATAFREE_MINUTES = 6  # measured on 2 CPU cores (README)
+DATAFREE_MINUTES = 9  # measured: 527 s on a 2-core AMD EPYC (README)
 
 
 def run_datafree_demo(output_dir: str = "runs/demo", quick: bool = False, overrides: list[str] | None = None) -> dict:
