@@ -20,7 +20,6 @@ Runs land in runs/bench/datafree/<profile>/ (sets/ for the fixed sets); re-runni
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -35,9 +34,9 @@ from common import (
     run_all,
     section_header,
     threads_per_job,
-    vitdistill_cli,
     write_section,
 )
+from df_dearkd import set_dir, synthesize
 
 CONFIGS = REPO / "configs" / "fashion_mnist"
 TEACHER_TOP1 = 92.81  # BENCHMARKS.md, teachers section
@@ -52,9 +51,9 @@ ROWS = {  # row: (config, overrides)
     "- stage 2 on the synthesis labels (the paper's)": ("df_dearkd_online.yaml", ["datafree.stage2_targets=labels"]),
     "CNN student (resnetd_tiny_28) online": ("df_cnn_online.yaml", []),
 }
-SETS = {  # fixed set: synthesis overrides of synthesize.yaml
-    "fixed set, plain DeepInversion": ["synthesis.diversity_weight=0", "synthesis.boundary_weight=0"],
-    "fixed set, DeepInversion + intra-divergence": [],
+SETS = {  # fixed-set row: the set of the first DF-DearKD benchmark (benchmarks/df_dearkd.py) it trains on
+    "fixed set, plain DeepInversion": "DeepInversion",
+    "fixed set, DeepInversion + intra-divergence": "DeepInversion + intra-divergence",
 }
 FULL, SMALL = "full budget", "ablation budget"
 PROFILES = {  # a budget: (epochs, rounds per epoch); every round takes `steps` student steps
@@ -88,20 +87,10 @@ def column(p: dict, budget: str) -> str:
     return FULL if p["small"] == p["full"] else budget
 
 
-def set_dir(out: Path, name: str, seed: int) -> Path:
-    return out / "sets" / f"{name.replace(' ', '_').replace(',', '').replace('+', 'and')}__s{seed}"
-
-
-def synthesize(out: Path, name: str, seed: int, p: dict, threads: int) -> dict:
-    folder = set_dir(out, name, seed)
-    if not (folder / "summary.json").exists():
-        vitdistill_cli(["synthesize", str(CONFIGS / "synthesize.yaml"), *SETS[name],
-                        f"run.output_dir={os.path.relpath(folder.parent, REPO)}", f"run.name={folder.name}",
-                        f"run.seed={seed}", f"synthesis.images_per_class={p['set_images_per_class']}",
-                        f"synthesis.iterations={p['set_iterations']}",
-                        f"synthesis.warmup_iterations={p['set_iterations'] // 10}", "--quiet"],
-                       threads, what=f"synthesis {folder.name}")
-    return json.loads((folder / "summary.json").read_text())
+def fixed_set(out: Path, row: str, seed: int, p: dict, threads: int) -> dict:
+    """The row's synthetic set, made (or found) by the first DF-DearKD benchmark's code at this profile's size."""
+    size = {"images_per_class": p["set_images_per_class"], "iterations": p["set_iterations"]}
+    return synthesize(out, SETS[row], seed, size, threads)
 
 
 def build_runs(p: dict, out: Path) -> list[Run]:
@@ -120,7 +109,7 @@ def build_runs(p: dict, out: Path) -> list[Run]:
         epochs = -(-student_steps(p, FULL) // (p["set_images_per_class"] * 10 // batch))  # full batches per epoch
         for name in SETS:  # at least as many student steps as the full-budget online row
             runs.append(Run(name, FULL, seed, str(CONFIGS / "df_dearkd.yaml"), [
-                f"data.synthetic={os.path.relpath(set_dir(out, name, seed) / 'images.safetensors', REPO)}",
+                f"data.synthetic={os.path.relpath(set_dir(out, SETS[name], seed) / 'images.safetensors', REPO)}",
                 f"data.batch_size={batch}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
                 f"train.warmup_epochs={epochs * 0.1:.2f}", "data.eval_batch_size=1000"]))
     return runs
@@ -162,7 +151,7 @@ def main() -> None:
     out = REPO / "runs" / "bench" / "datafree" / profile_name
     start = time.perf_counter()
     threads = threads_per_job(jobs)
-    sets = {(name, seed): synthesize(out, name, seed, p, threads) for seed in p["seeds"] for name in SETS}
+    sets = {(name, seed): fixed_set(out, name, seed, p, threads) for seed in p["seeds"] for name in SETS}
     runs = build_runs(p, out)
     results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
