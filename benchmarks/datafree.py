@@ -13,7 +13,12 @@ plus training, is in the table):
 - accuracy against synthesis compute: the headline row at three `datafree.synthesis_steps` budgets (a plot).
 
     python benchmarks/datafree.py --profile quick   # pipeline check, 1 seed, about 15 min on 2 CPU cores
-    python benchmarks/datafree.py --profile full    # 2 seeds (size in PROFILES), resumable, may run in parts
+    python benchmarks/datafree.py --profile full    # 2 seeds (size in PROFILES), resumable
+    python benchmarks/datafree.py --profile full --part headline   # one part now, the rest later
+
+The full profile is about 5 h of CPU on 2 cores (--jobs 2): headline rows 2 x 1 h, fixed sets (synthesis and
+training) 1.5 h, ablations and compute budgets 1.5 h. `--part` runs the online headline rows (`headline`), the
+fixed sets (`sets`) or the ablations and budgets (`ablations`); the table is written once every part is done.
 
 Runs land in runs/bench/datafree/<profile>/ (sets/ for the fixed sets); re-running resumes or skips finished work.
 """
@@ -30,7 +35,7 @@ from common import (
     Run,
     aggregate,
     mean_std,
-    parse_profile_args,
+    profile_parser,
     run_all,
     section_header,
     threads_per_job,
@@ -59,10 +64,11 @@ FULL, SMALL = "full budget", "ablation budget"
 PROFILES = {  # a budget: (epochs, rounds per epoch); every round takes `steps` student steps
     "quick": {"seeds": [0], "full": (1, 6), "small": (1, 6), "steps": 4, "synthesis_steps": 3, "first_round_steps": 30,
               "budgets": [1, 3, 6], "set_images_per_class": 16, "set_iterations": 40},
-    "full": {"seeds": [0, 1], "full": (4, 20), "small": (2, 10), "steps": 10, "synthesis_steps": 5,
+    "full": {"seeds": [0, 1], "full": (8, 20), "small": (2, 20), "steps": 10, "synthesis_steps": 5,
              "first_round_steps": 300, "budgets": [2, 5, 10], "set_images_per_class": 200, "set_iterations": 200},
 }
 HEADLINE = [ONLINE, "CNN student (resnetd_tiny_28) online"]  # the rest of ROWS are ablations
+PARTS = ("headline", "sets", "ablations")
 
 
 def epochs_rounds(p: dict, budget: str) -> tuple[int, int]:
@@ -93,12 +99,21 @@ def fixed_set(out: Path, row: str, seed: int, p: dict, threads: int) -> dict:
     return synthesize(out, SETS[row], seed, size, threads)
 
 
+def part(run: Run) -> str:
+    return "sets" if run.group in SETS else "headline" if run.column == FULL and run.group in HEADLINE else "ablations"
+
+
 def build_runs(p: dict, out: Path) -> list[Run]:
+    """Every run, the headline rows first (the ViT's seeds before the CNN's)."""
     runs = []
+    for row in HEADLINE:
+        for seed in p["seeds"]:
+            config, extra = ROWS[row]
+            runs.append(Run(row, FULL, seed, str(CONFIGS / config), online_overrides(p, FULL) + extra))
     for seed in p["seeds"]:
         for row, (config, extra) in ROWS.items():
-            budget = FULL if row in HEADLINE else SMALL
-            runs.append(Run(row, column(p, budget), seed, str(CONFIGS / config), online_overrides(p, budget) + extra))
+            if row not in HEADLINE:
+                runs.append(Run(row, column(p, SMALL), seed, str(CONFIGS / config), online_overrides(p, SMALL) + extra))
         if column(p, SMALL) == SMALL:  # the reference of the ablations, at their budget
             runs.append(Run(ONLINE, SMALL, seed, str(CONFIGS / "df_dearkd_online.yaml"), online_overrides(p, SMALL)))
         for b in p["budgets"]:
@@ -146,13 +161,25 @@ def plot(points: dict[int, list[float]], path: Path) -> None:
 
 
 def main() -> None:
-    profile_name, jobs = parse_profile_args(__doc__, PROFILES)
+    parser = profile_parser(__doc__, PROFILES)
+    parser.add_argument("--part", choices=PARTS, help="run only this part; the table needs all of them")
+    args = parser.parse_args()
+    profile_name, jobs = args.profile, args.jobs
     p = PROFILES[profile_name]
     out = REPO / "runs" / "bench" / "datafree" / profile_name
     start = time.perf_counter()
     threads = threads_per_job(jobs)
-    sets = {(name, seed): fixed_set(out, name, seed, p, threads) for seed in p["seeds"] for name in SETS}
     runs = build_runs(p, out)
+    if args.part:
+        if args.part == "sets":
+            for seed in p["seeds"]:
+                for name in SETS:
+                    fixed_set(out, name, seed, p, threads)
+        chosen = [r for r in runs if part(r) == args.part]
+        for r, s in run_all(chosen, out, jobs).items():
+            print(f"{r}: top-1 {s['last_top1']:.2f}, {s['wall_time_s'] / 60:.1f} min")
+        return
+    sets = {(name, seed): fixed_set(out, name, seed, p, threads) for seed in p["seeds"] for name in SETS}
     results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
     minutes: dict[tuple[str, str], list[float]] = {}
