@@ -13,6 +13,7 @@ from test_trainer import read_metrics
 from vitdistill.config import ConfigError, SynthesisConfig, TeacherConfig, config_from_dict
 from vitdistill.data import datasets, find_fashion_mnist, load_synthetic
 from vitdistill.engine import load_checkpoint
+from vitdistill.engine.online import OnlineDataFree
 from vitdistill.engine.trainer import train
 from vitdistill.io import read_safetensors, write_safetensors
 from vitdistill.losses.inversion import adversarial_divergence, js_divergence
@@ -144,11 +145,11 @@ def test_killed_online_run_resumes_to_the_same_bank_and_metrics(online_values, t
     calls = {"n": 0}
     original = kd.KD.forward_train
 
-    def dying(self, images, targets):  # killed in epoch 2, after its first round
+    def dying(self, images, targets, teacher=None):  # killed in epoch 2, after its first round
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets)
+        return original(self, images, targets, teacher)
 
     monkeypatch.setattr(kd.KD, "forward_train", dying)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
@@ -179,13 +180,23 @@ def test_online_run_reads_no_training_image_and_keeps_the_teacher_frozen(online_
     for path in find_fashion_mnist().iterdir():
         if path.name.startswith("t10k"):
             shutil.copy(path, folder / path.name)
-    states = []
+    states, in_synthesis, step_calls = [], [False], []
     original = torch.nn.Module.__call__
 
     def watch(module, *args, **kwargs):
         if module is teacher_ref.get("t"):
             states.append((module.training, any(p.requires_grad for p in module.parameters())))
+            step_calls.extend([] if in_synthesis[0] else [1])
         return original(module, *args, **kwargs)
+
+    synthesize_round = OnlineDataFree.synthesize_round
+
+    def flagged_round(self, round_index):
+        in_synthesis[0] = True
+        try:
+            synthesize_round(self, round_index)
+        finally:
+            in_synthesis[0] = False
 
     teacher_ref = {}
     from vitdistill.engine import trainer as trainer_module
@@ -200,11 +211,12 @@ def test_online_run_reads_no_training_image_and_keeps_the_teacher_frozen(online_
 
     monkeypatch.setattr(trainer_module, "build_models", build_and_watch)
     monkeypatch.setattr(torch.nn.Module, "__call__", watch)
+    monkeypatch.setattr(OnlineDataFree, "synthesize_round", flagged_round)
     values = {**online_values, "data": {**online_values["data"], "root": str(folder), "download": False},
               "train": {**online_values["train"], "epochs": 1}}
     summary = train(config_from_dict(values), quiet=True)
-    # per round one look at the new batch, per student step the relabelling and the KD term: 2 + 4 * 2
-    assert summary["last_top1"] is not None and len(states) >= 10
+    # the relabelling and the KD term read one teacher forward per student step (2 rounds x 2 steps)
+    assert summary["last_top1"] is not None and len(step_calls) == 4 and len(states) > 4
     assert all(s == (False, False) for s in states)
     after = teacher_ref["t"].state_dict()
     assert all(torch.equal(teacher_ref["before"][k], v) for k, v in after.items())

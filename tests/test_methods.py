@@ -111,11 +111,11 @@ def test_dearkd_resume_across_switch_equals_uninterrupted(tmp_path, monkeypatch)
     calls = {"n": 0}
     original = DearKD.forward_train
 
-    def dying(self, images, targets):
+    def dying(self, images, targets, teacher=None):
         calls["n"] += 1
         if calls["n"] == 30:  # epoch 2 (stage 2) of 18-step epochs
             raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets)
+        return original(self, images, targets, teacher)
 
     monkeypatch.setattr(DearKD, "forward_train", dying)
     cfg = config_from_dict(method_values(tmp_path, "dearkd", params, run="killed"))
@@ -156,6 +156,43 @@ def test_methods_train_one_step_with_named_losses(name, params, student, expecte
     trainable = [p for m in method.trainable_modules() for p in m.parameters()]
     assert all(p.grad is not None for p in trainable if p.requires_grad and p.dim() > 1)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+PLAIN = STUDENT["name"].replace("_distilled", "")
+
+
+@pytest.mark.parametrize("name, params, student, stage, forwards", [
+    ("kd", {}, PLAIN, 1, 1),
+    ("deit", {}, STUDENT["name"], 1, 1),
+    ("feature_mse", {"student_layers": [1], "teacher_layers": [2]}, PLAIN, 1, 1),
+    ("dearkd", {"student_layers": [0, 1], "teacher_layers": [1, 2]}, STUDENT["name"], 1, 1),
+    ("dearkd", {"student_layers": [0, 1], "teacher_layers": [1, 2]}, STUDENT["name"], 2, 0),
+    ("spectralkd", {"student_layers": [0, 2], "teacher_layers": [1, 3]}, PLAIN, 1, 1),
+    ("none", {}, PLAIN, 1, 0),
+])
+def test_one_teacher_forward_per_step_shared_with_the_caller(name, params, student, stage, forwards):
+    """The trainer's ``teacher_outputs`` (asked for logits too, as the data-free relabelling does) is the only
+    teacher forward of a step, and the losses computed from it equal the method's own."""
+    _, teacher = small_models()
+    s = create_model(student, num_classes=10, in_chans=1, img_size=28, **STUDENT["kwargs"])
+    method = build_method(name, params, s, teacher if name != "none" else None, epochs=3)
+    method.train()
+    method.on_stage_change(stage)
+    calls = []
+    if method.teacher is not None:  # every teacher forward, whole or through a tap, passes its stem
+        stem = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_pre_hook(lambda *_: calls.append(1))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    torch.manual_seed(0)
+    _, own = method(x, y)
+    own_calls, calls[:] = len(calls), []
+    torch.manual_seed(0)
+    shared = method.teacher_outputs(x, logits=True) if forwards else None
+    _, given = method(x, y, shared)
+    assert own_calls == len(calls) == forwards
+    if shared is not None:
+        assert torch.equal(shared.logits, teacher(x))
+    assert own.keys() == given.keys() and all(torch.equal(own[k], given[k]) for k in own)
 
 
 def test_optimizer_exempts_student_tokens_and_norms_from_weight_decay():

@@ -66,11 +66,11 @@ def test_killed_run_resumes_to_identical_metrics(tiny_cfg_values, tmp_path, monk
     calls = {"n": 0}
     original = Vanilla.forward_train
 
-    def dying_forward_train(self, images, targets):
+    def dying_forward_train(self, images, targets, teacher=None):
         calls["n"] += 1
         if calls["n"] == 25:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets)
+        return original(self, images, targets, teacher)
 
     monkeypatch.setattr(Vanilla, "forward_train", dying_forward_train)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
@@ -109,8 +109,8 @@ def nan_after_20_steps(monkeypatch):
             super().__init__(*args, **kwargs)
             self.steps = 0
 
-        def forward_train(self, images, targets):
-            logits, losses = super().forward_train(images, targets)
+        def forward_train(self, images, targets, teacher=None):
+            logits, losses = super().forward_train(images, targets, teacher)
             self.steps += 1
             if self.steps > 20:
                 losses["ce"] = losses["ce"] * float("nan")

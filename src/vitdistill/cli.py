@@ -1,4 +1,4 @@
-"""Command line: ``vitdistill train | eval | export | analyze | synthesize | demo`` (also ``python -m vitdistill``)."""
+"""Command line: ``vitdistill train | eval | export | analyze | synthesize | bench | demo`` (also ``python -m vitdistill``)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .engine.bench import markdown, run_bench
+
+    cfg = load_config(resolve_path(args.config), args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "bench" / cfg.run.name
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, methods=args.methods,
+                       num_classes=args.num_classes, out=out, memory=not args.no_memory, quiet=args.quiet)
+    print(markdown(result))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Layer spectra/intensity of the models on a class-balanced test split; report files into --out."""
     from .analysis.report import analyze_models, load_models
@@ -156,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     d.set_defaults(func=cmd_demo)
 
+    b = sub.add_parser("bench", help="step time and peak memory of every method against the online lower bound "
+                                     "(student step + teacher forward), on random images of the config's size")
+    b.add_argument("config", help="experiment YAML: student, teacher, image size, batch, amp/channels_last")
+    b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=8 data.img_size=224")
+    b.add_argument("--steps", type=int, default=10, help="timed steps of each runner (medians)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps of each runner first")
+    b.add_argument("--methods", nargs="+", help="only these methods (default: every registered one)")
+    b.add_argument("--num-classes", type=int, help="class count (default: the dataset's; needed for imagefolder)")
+    b.add_argument("--out", help="folder for bench.json and bench.md (default: <run.output_dir>/bench/<run.name>)")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak memory (on the CPU: a process per runner)")
+    b.add_argument("--quiet", action="store_true", help="no per-round lines")
+    b.set_defaults(func=cmd_bench)
+
     a = sub.add_parser("analyze", help="layer spectra and intensity of models (SpectralKD analysis): CSV, PNG, markdown")
     a.add_argument("models", nargs="+", metavar="MODEL",
                    help="training checkpoint (.pt), run folder, exported .safetensors, or name:MODEL (random "
@@ -186,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first flag: `train CFG --quiet a.b=1` still overrides
-    if extra and args.command in ("train", "synthesize") and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and args.command in ("train", "synthesize", "bench") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -4,8 +4,9 @@ An epoch is ``datafree.rounds_per_epoch`` rounds. A round synthesises one batch 
 *current* student (the synthesiser of ``datafree.synthesizer``, the ``synthesis`` losses plus the adversarial
 term), appends it to the image bank, then yields ``datafree.steps_per_round`` minibatches drawn from the bank
 (uniformly, with replacement, from the newest ``datafree.bank_size`` images), each through the run's train
-augmentation. :meth:`OnlineDataFree.targets` turns a minibatch's labels into the student's targets: the
-teacher's softened outputs on the exact (augmented, mixed) images, or the synthesis labels.
+augmentation. Where :meth:`OnlineDataFree.relabels` says so, the trainer replaces a minibatch's labels with
+:meth:`OnlineDataFree.soft_targets` of the teacher's logits on the exact (augmented, mixed) images, from the one
+teacher forward the method's own losses read too; otherwise the synthesis labels are the targets.
 
 Every round writes a row of ``rounds.csv`` (at each checkpoint) and, every ``samples_every`` rounds,
 ``samples.png``. Round ``r`` is seeded by (run seed, r), and the bank and the synthesiser's state are part of
@@ -114,15 +115,14 @@ class OnlineDataFree:
             save_grid(images, labels.cpu(), self.run_dir / "samples.png")
 
     # -- targets ------------------------------------------------------------------------------------
-    def targets(self, images: Tensor, labels: Tensor, stage: int) -> Tensor:
-        """The student's targets for ``images``: the synthesis labels (or mixup's soft labels), or the teacher's
-        softmax at ``target_temperature`` on these very images."""
+    def relabels(self, stage: int) -> bool:
+        """Whether the student's targets in ``stage`` are the teacher's outputs on its very (augmented, mixed)
+        images (:meth:`soft_targets`), rather than the synthesis labels (or mixup's soft labels)."""
         f = self.cfg.datafree
-        if (f.targets if stage == 1 else f.stage2_targets) == "labels":
-            return labels
-        with torch.inference_mode():
-            probs = F.softmax(self.teacher(images).float() / f.target_temperature, dim=1)
-        return probs.clone()
+        return (f.targets if stage == 1 else f.stage2_targets) == "teacher"
+
+    def soft_targets(self, teacher_logits: Tensor) -> Tensor:
+        return F.softmax(teacher_logits.float() / self.cfg.datafree.target_temperature, dim=1)
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

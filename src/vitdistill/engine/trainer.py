@@ -275,11 +275,14 @@ class Trainer:
             hard_targets = targets
             if self.data.mixup_fn is not None:
                 images, targets = self.data.mixup_fn(images, targets)
-            if self.online is not None:  # after mixup: the teacher labels the images the student sees
-                targets = self.online.targets(images, targets, self.distiller.stage)
+            teacher = None
+            if self.online is not None and self.online.relabels(self.distiller.stage):
+                # after mixup: the teacher labels the images the student sees, in the forward the method reads too
+                teacher = self.distiller.teacher_outputs(images, logits=True)
+                targets = self.online.soft_targets(teacher.logits)
             lr = self._set_lr()
             with self._amp():
-                logits, losses = self.model(images, targets)
+                logits, losses = self.model(images, targets, teacher)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 values = {k: float(v.detach()) for k, v in losses.items()}

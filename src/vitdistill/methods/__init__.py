@@ -5,6 +5,7 @@ from .base import (
     LogitKDParams,
     MethodError,
     MethodParams,
+    TeacherOutputs,
     build_method,
     get_method,
     list_methods,
@@ -12,5 +13,5 @@ from .base import (
     register_method,
 )
 
-__all__ = ["Distiller", "LayerPairParams", "LogitKDParams", "MethodError", "MethodParams", "build_method",
-           "get_method", "list_methods", "parse_method_params", "register_method"]
+__all__ = ["Distiller", "LayerPairParams", "LogitKDParams", "MethodError", "MethodParams", "TeacherOutputs",
+           "build_method",            "get_method", "list_methods", "parse_method_params", "register_method"]

@@ -17,6 +17,11 @@ The rules the trainer relies on:
 - **Stages.** :meth:`stage_for_epoch` must be non-decreasing in the epoch: stages change one way. At
   a change the trainer calls :meth:`on_stage_change` and drops from the optimizer every parameter
   outside :meth:`trainable_modules` for good (their optimizer state is discarded).
+- **Teacher outputs.** :meth:`teacher_request` says what this step's losses read from the teacher in the
+  current stage (logits, a tap's maps, or nothing); :meth:`teacher_outputs` runs the teacher once for that,
+  stopping at the deepest tapped layer when no logits are needed. The trainer may compute them itself (one
+  forward shared with the data-free relabelling) and hand them to ``forward_train(..., teacher=...)``; a
+  method given none computes its own.
 - **Losses.** ``forward_train`` returns the logits used for the train accuracy and a dict of named
   scalar losses; the trainer sums them and logs each as ``train_<name>``, averaged over all images
   of the epoch. Return the same names on every step (use a zero tensor for a term that is off) so
@@ -32,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -49,6 +54,14 @@ KDMode = Literal["soft", "hard"]
 
 class MethodError(VitdistillError, ValueError):
     """A user-facing problem with ``method.name``, ``method.params`` or the models a method gets."""
+
+
+@dataclass
+class TeacherOutputs:
+    """What the teacher said about one batch: its logits (None when not asked for) and the tapped maps."""
+
+    logits: Tensor | None
+    maps: dict[Any, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,9 +131,14 @@ class Distiller(nn.Module):
         self.stage = 1
 
     # -- the contract -------------------------------------------------------------------------
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(images)
         return logits, {"ce": self.ce(logits, targets)}
+
+    def teacher_request(self) -> tuple[bool, Any]:
+        """(logits needed, LayerTap or None) for the current stage; ``(False, None)``: the teacher is not run."""
+        return False, None
 
     def forward_eval(self, images: Tensor) -> Tensor:
         return self.student(images)
@@ -146,10 +164,10 @@ class Distiller(nn.Module):
         names = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
         return {f"student.{n}" for n in names}
 
-    def forward(self, images: Tensor, targets: Tensor | None = None):
+    def forward(self, images: Tensor, targets: Tensor | None = None, teacher: TeacherOutputs | None = None):
         # DDP only hooks forward(), so training goes through here too.
         if self.training:
-            return self.forward_train(images, targets)
+            return self.forward_train(images, targets, teacher)
         return self.forward_eval(images)
 
     def ce(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -158,9 +176,14 @@ class Distiller(nn.Module):
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
-    def teacher_forward(self, images: Tensor) -> Tensor:
-        """Teacher logits, computed without autograd bookkeeping."""
-        return self.run_teacher(images)[0]
+    def teacher_outputs(self, images: Tensor, logits: bool = False) -> TeacherOutputs | None:
+        """One teacher forward for what :meth:`teacher_request` asks (plus the logits when ``logits``);
+        None when nothing is asked."""
+        need_logits, tap = self.teacher_request()
+        need_logits = need_logits or logits
+        if not need_logits and tap is None:
+            return None
+        return TeacherOutputs(*self.run_teacher(images, tap, need_logits))
 
     def run_teacher(self, images: Tensor, tap: Any = None, need_logits: bool = True
                     ) -> tuple[Tensor | None, dict[Any, Tensor]]:

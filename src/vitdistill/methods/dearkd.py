@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..losses import hidden_alignment_loss
-from .base import Distiller, KDMode, LayerPairParams, LogitKDParams, MethodError, register_method
+from .base import (
+    Distiller,
+    KDMode,
+    LayerPairParams,
+    LogitKDParams,
+    MethodError,
+    TeacherOutputs,
+    register_method,
+)
 from .deit import require_distillation_token
 from .features import build_aligners, ordered
 
@@ -68,7 +76,13 @@ class DearKD(Distiller):
     def trainable_modules(self):
         return [self.student, self.aligners] if self.stage == 1 and self.use_hidden else [self.student]
 
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_request(self):
+        if self.stage == 2:
+            return False, None
+        return True, (self.t_tap if self.use_hidden else None)
+
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.params
         a = p.alpha
         if self.stage == 2:
@@ -76,15 +90,14 @@ class DearKD(Distiller):
             losses = {"ce": (1 - a) * self.ce(cls_logits, targets), "ce_dist": a * self.ce(dist_logits, targets)}
             return (cls_logits + dist_logits) / 2, losses
 
+        teacher = teacher or self.teacher_outputs(images)
         if self.use_hidden:
             (cls_logits, dist_logits), s_maps = self.s_tap(images, need_logits=True)
-            t_logits, t_maps = self.run_teacher(images, self.t_tap, need_logits=True)
         else:
             cls_logits, dist_logits = self.student(images)
-            t_logits = self.teacher_forward(images)
-        losses = {"ce": (1 - a) * self.ce(cls_logits, targets), "kd": a * p.kd_loss(dist_logits, t_logits)}
+        losses = {"ce": (1 - a) * self.ce(cls_logits, targets), "kd": a * p.kd_loss(dist_logits, teacher.logits)}
         if self.use_hidden:
-            pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
+            pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(teacher.maps, self.t_layers))
             hidden = sum(hidden_alignment_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs)
             losses["hidden"] = p.hidden_weight * hidden / len(self.aligners)
         return (cls_logits + dist_logits) / 2, losses

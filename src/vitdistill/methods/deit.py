@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .base import Distiller, KDMode, LogitKDParams, MethodError, register_method
+from .base import Distiller, KDMode, LogitKDParams, MethodError, TeacherOutputs, register_method
 
 
 def require_distillation_token(student: nn.Module, method: str) -> None:
@@ -34,9 +34,13 @@ class DeiT(Distiller):
         super().__init__(*args, **kwargs)
         require_distillation_token(self.student, "deit")
 
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_request(self):
+        return True, None
+
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         cls_logits, dist_logits = self.student(images)
-        teacher_logits = self.teacher_forward(images)
+        teacher_logits = (teacher or self.teacher_outputs(images)).logits
         p = self.params
         losses = {"ce": (1 - p.alpha) * self.ce(cls_logits, targets),
                   "kd": p.alpha * p.kd_loss(dist_logits, teacher_logits)}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Distiller, LayerPairParams, register_method
+from .base import Distiller, LayerPairParams, TeacherOutputs, register_method
 from .features import build_aligners, ordered
 
 
@@ -37,9 +37,13 @@ class FeatureMSE(Distiller):
     def trainable_modules(self):
         return [self.student, self.aligners]
 
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_request(self):
+        return False, self.t_tap
+
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         logits, s_maps = self.s_tap(images, need_logits=True)
-        _, t_maps = self.run_teacher(images, self.t_tap, need_logits=False)
+        t_maps = (teacher or self.teacher_outputs(images)).maps
         pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
         mse = sum(F.mse_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)
         return logits, {"ce": self.ce(logits, targets), "feature": self.params.weight * mse}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Distiller, KDMode, LogitKDParams, register_method
+from .base import Distiller, KDMode, LogitKDParams, TeacherOutputs, register_method
 
 
 @dataclass
@@ -23,8 +23,12 @@ class KD(Distiller):
     Params = KDParams
     needs_teacher = True
 
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_request(self):
+        return True, None
+
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(images)
-        teacher_logits = self.teacher_forward(images)
+        teacher_logits = (teacher or self.teacher_outputs(images)).logits
         p = self.params
         return logits, {"ce": (1 - p.alpha) * self.ce(logits, targets), "kd": p.alpha * p.kd_loss(logits, teacher_logits)}

@@ -22,7 +22,7 @@ from ..data.subsets import balanced_loader
 from ..losses import spatial_mse_loss, spectral_alignment_loss
 from ..models import LayerTap, TapError, num_tappable_layers
 from ..rng import seeded_rng
-from .base import Distiller, KDMode, LogitKDParams, MethodError, register_method
+from .base import Distiller, KDMode, LogitKDParams, MethodError, TeacherOutputs, register_method
 from .features import ordered
 
 FEATURE_LOSSES = {"fft": ("fft", spectral_alignment_loss), "spatial": ("feature", spatial_mse_loss)}
@@ -140,22 +140,26 @@ class SpectralKD(Distiller):
                   f"student_layers {self.s_layers} <- teacher_layers {self.t_layers}", flush=True)
 
     # -- training -------------------------------------------------------------------------------
-    def forward_train(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_request(self):
+        p = self.params
+        return p.alpha > 0, (self.t_tap if p.fft_weight > 0 else None)
+
+    def forward_train(self, images: Tensor, targets: Tensor, teacher: TeacherOutputs | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.params
         a, w = p.alpha, p.fft_weight
         use_features = w > 0
         if use_features and self.s_tap is None:
             raise MethodError("method 'spectralkd': layer pairs are 'auto' but prepare(train_set, seed) has not "
                               "run; the trainer calls it before the first step")
+        teacher = teacher or self.teacher_outputs(images)
         if use_features:
             logits, s_maps = self.s_tap(images, need_logits=True)
-            t_logits, t_maps = self.run_teacher(images, self.t_tap, need_logits=a > 0)
         else:
             logits = self.student(images)
-            t_logits = self.teacher_forward(images) if a > 0 else None
 
         zero = logits.new_zeros((), dtype=torch.float32)
-        kd = zero if t_logits is None else p.kd_loss(logits, t_logits)
-        feature = (self.feature_fn(ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
+        kd = zero if a == 0 else p.kd_loss(logits, teacher.logits)
+        feature = (self.feature_fn(ordered(s_maps, self.s_layers), ordered(teacher.maps, self.t_layers))
                    if use_features else zero)
         return logits, {"ce": (1 - a) * self.ce(logits, targets), "kd": a * kd, self.feature_name: w * feature}

@@ -1,0 +1,243 @@
+"""``vitdistill bench``: the step time and peak memory of every method against the online lower bound.
+
+For the student/teacher pair, image size and batch of a config (random images, so no data is read), the median
+time of: a student-only training step (forward, backward, optimizer step: the ``none`` method), a teacher forward
+in inference mode, and the full training step of every registered method (both stages of a two-stage method). A
+method's **overhead ratio** is its step over the bound (student step + teacher forward): 1.0 means it costs
+nothing beyond running both models once; a step that runs no teacher is set against the student step alone.
+
+The runners are timed interleaved (one step of each in turn, ``steps`` times, after ``warmup`` rounds) so that a
+slow spell of a shared machine hits them all alike. Peak memory is what one step needs above what the runner
+already holds (weights, optimizer state): on CUDA the peak allocated above the allocation before the step; on the
+CPU the peak resident set above the one before it (Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..data.datasets import TensorImageDataset
+from ..io import atomic_write_text
+from ..methods import Distiller, MethodError, build_method, get_method, list_methods, parse_method_params
+from ..models.factory import build_model
+from .distributed import resolve_device
+
+STUDENT, TEACHER = "student step (none)", "teacher forward"
+NUM_CLASSES = {"fashion-mnist": 10, "random": 10, "cifar10": 10, "cifar100": 100}  # imagefolder: say it
+
+
+@dataclass
+class BenchRow:
+    name: str
+    median_ms: float | None
+    iqr_ms: float | None  # interquartile range of the timed steps
+    peak_mb: float | None
+    ratio: float | None  # step / bound
+    note: str = ""
+
+
+class _Bench:
+    """The random batch, the teacher and a step function per runner, built on demand."""
+
+    def __init__(self, cfg: Config, num_classes: int) -> None:
+        d, t = cfg.data, cfg.train
+        self.cfg, self.num_classes = cfg, num_classes
+        self.device = resolve_device(t.device)
+        torch.manual_seed(cfg.run.seed)
+        self.images = torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=self.device)
+        self.labels = torch.randint(0, num_classes, (d.batch_size,), device=self.device)
+        if t.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self._teacher: nn.Module | None = None
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        t = self.cfg.train
+        return torch.autocast(self.device.type, dtype=getattr(torch, t.amp_dtype)) if t.amp else contextlib.nullcontext()
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            d = self.cfg.data
+            self._teacher = build_model(self.cfg.teacher, self.num_classes, d.in_chans, d.img_size)
+            self._teacher.to(self.device).eval().requires_grad_(False)
+            if self.cfg.train.channels_last:
+                self._teacher.to(memory_format=torch.channels_last)
+        return self._teacher
+
+    def runner(self, name: str) -> Callable[[], None]:
+        """``teacher forward``, or a method's training step (``METHOD`` or ``METHOD (last stage)``)."""
+        if name == TEACHER:
+            def forward() -> None:
+                with torch.inference_mode(), self.amp():
+                    self.teacher(self.images)
+            return forward
+        method, last_stage = name.removesuffix(" (last stage)"), name.endswith(" (last stage)")
+        method = "none" if name == STUDENT else method
+        cfg, d = self.cfg, self.cfg.data
+        params = parse_method_params(method, cfg.method.params if method == cfg.method.name else None)
+        student = build_model(cfg.model, self.num_classes, d.in_chans, d.img_size)
+        teacher = self.teacher if get_method(method).needs_teacher else None
+        distiller = build_method(method, params, student, teacher, label_smoothing=cfg.train.label_smoothing,
+                                 epochs=cfg.train.epochs).to(self.device)
+        # SpectralKD's `auto` pairs come from the teacher's intensity on "training" images: here the random batch
+        distiller.prepare(TensorImageDataset(self.images.cpu(), self.labels.cpu()), cfg.run.seed)
+        if cfg.train.channels_last:
+            distiller.to(memory_format=torch.channels_last)
+        if last_stage:
+            distiller.on_stage_change(distiller.stage_for_epoch(cfg.train.epochs - 1))
+        params = [p for m in distiller.trainable_modules() for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        distiller.train()
+
+        def step() -> None:
+            with self.amp():
+                _, losses = distiller(self.images, self.labels)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
+
+    def runs_teacher(self, name: str) -> bool:
+        if name in (STUDENT, TEACHER) or name.endswith(" (last stage)"):
+            return name == TEACHER
+        return get_method(name).needs_teacher
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peaks(runners: dict[str, Callable[[], None]]) -> dict[str, float | None]:
+    """Per runner, the peak resident set of one step above the one before it: freed memory goes back to the
+    system first (``malloc_trim``), then the kernel's high-water mark is reset to the current size (Linux
+    ``/proc/self/clear_refs``); None where that is not possible."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except OSError:
+        trim = None
+    peaks: dict[str, float | None] = {}
+    for name, fn in runners.items():
+        gc.collect()
+        if trim is not None:
+            trim(0)
+        try:
+            base = _status_kb("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            return dict.fromkeys(runners)
+        fn()
+        peaks[name] = max(0, _status_kb("VmHWM") - base) / 1024
+    return peaks
+
+
+def _cuda_peaks(runners: dict[str, Callable[[], None]], device: torch.device) -> dict[str, float]:
+    peaks = {}
+    for name, fn in runners.items():
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return peaks
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] | None = None,
+              num_classes: int | None = None, out: Path | None = None, memory: bool = True,
+              quiet: bool = False) -> dict[str, Any]:
+    """Time every runner (and measure its peak memory when ``memory``); write ``bench.json`` and ``bench.md``
+    into ``out`` (when given); return the result."""
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"bench: --steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+    known = list_methods()
+    unknown = [m for m in methods or [] if m not in known]
+    if unknown:
+        raise ConfigError(f"bench: unknown method(s) {unknown}; registered methods: {known}")
+    if not cfg.teacher.name:
+        raise ConfigError("bench needs a teacher: set teacher.name (and teacher.checkpoint) in the config")
+    num_classes = num_classes or NUM_CLASSES.get(cfg.data.name)
+    if num_classes is None:
+        raise ConfigError(f"bench: data.name='{cfg.data.name}' has no known class count; pass --num-classes N")
+    bench = _Bench(cfg, num_classes)
+    runners: dict[str, Callable[[], None]] = {TEACHER: bench.runner(TEACHER), STUDENT: bench.runner(STUDENT)}
+    skipped: dict[str, str] = {}
+    for method in [m for m in methods or known if m != "none"]:
+        try:
+            runners[method] = bench.runner(method)
+        except MethodError as e:
+            skipped[method] = str(e)
+            continue
+        if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
+            runners[f"{method} (last stage)"] = bench.runner(f"{method} (last stage)")
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for i in range(warmup + steps):
+        for name, fn in runners.items():
+            _sync(bench.device)
+            start = time.perf_counter()
+            fn()
+            _sync(bench.device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+        if not quiet:
+            print(f"bench: round {i + 1}/{warmup + steps}" + (" (warm-up)" if i < warmup else ""), flush=True)
+    if not quiet and memory:
+        print("bench: peak memory", flush=True)
+    peaks = ({} if not memory else _cuda_peaks(runners, bench.device) if bench.device.type == "cuda"
+             else _cpu_peaks(runners))
+
+    median = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    bound_ms = median[STUDENT] + median[TEACHER]
+    rows = []
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        with_teacher = bench.runs_teacher(name)
+        ratio = None if name == TEACHER else median[name] / (bound_ms if with_teacher else median[STUDENT])
+        rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio,
+                             "" if with_teacher or name == TEACHER else "runs no teacher: vs the student step"))
+    rows += [BenchRow(name, None, None, None, None, f"skipped: {why}") for name, why in skipped.items()]
+    d, t = cfg.data, cfg.train
+    result = {"student": cfg.model.name, "teacher": cfg.teacher.name, "img_size": d.img_size,
+              "batch_size": d.batch_size, "device": str(bench.device), "threads": torch.get_num_threads(),
+              "amp": t.amp, "channels_last": t.channels_last, "steps": steps, "warmup": warmup,
+              "bound_ms": bound_ms, "rows": [asdict(r) for r in rows]}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "bench.md", markdown(result) + "\n")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def cell(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"{result['student']} <- {result['teacher']}, {result['img_size']} px, batch {result['batch_size']}, "
+             f"{result['device']} ({result['threads']} threads), amp {result['amp']}, channels_last "
+             f"{result['channels_last']}; medians of {result['steps']} interleaved steps after {result['warmup']}; "
+             f"bound = student step + teacher forward = {result['bound_ms']:.1f} ms", "",
+             "| runner | median ms | IQR ms | peak MB | overhead ratio | note |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {cell(r['median_ms'], '.1f')} | {cell(r['iqr_ms'], '.1f')} | "
+                     f"{cell(r['peak_mb'], '.0f')} | {cell(r['ratio'], '.3f')} | {r['note']} |")
+    return "\n".join(lines)
