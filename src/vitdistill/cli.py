@@ -1,4 +1,4 @@
-"""Command line: ``vitdistill train | eval | export | analyze | synthesize | bench | demo`` (also ``python -m vitdistill``)."""
+"""Command line: ``vitdistill train | eval | export | analyze | synthesize | bench | cache-teacher | demo`` (also ``python -m vitdistill``)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .teacher_cache import build_cache, verify_cache
+
+    cfg = load_config(resolve_path(args.config), args.overrides)
+    if args.verify is not None:
+        verify_cache(cfg, args.verify, seed=args.seed, folder=args.out)
+        return 0
+    print(json.dumps(build_cache(cfg, folder=args.out, topk=args.topk, batch_size=args.batch_size, quiet=args.quiet),
+                     indent=2))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Layer spectra/intensity of the models on a class-balanced test split; report files into --out."""
     from .analysis.report import analyze_models, load_models
@@ -181,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no per-round lines")
     b.set_defaults(func=cmd_bench)
 
+    c = sub.add_parser("cache-teacher", help="the teacher's targets for every view the run will see (top-k logits), "
+                                             "for `train` with teacher.cache: the teacher leaves the training loop")
+    c.add_argument("config", help="the experiment YAML the cache is for (its data, augmentation, seed, teacher)")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.cache=runs/cache/kd train.epochs=30")
+    c.add_argument("--out", help="cache folder (default: teacher.cache)")
+    c.add_argument("--topk", type=int, default=10, help="logits kept per view (all of them when >= the class count)")
+    c.add_argument("--batch-size", type=int, help="teacher batch (default: data.eval_batch_size)")
+    c.add_argument("--verify", type=float, metavar="P",
+                   help="instead: recompute a fraction P of the records with the live teacher and report agreement")
+    c.add_argument("--seed", type=int, default=0, help="seed of the --verify sample")
+    c.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    c.set_defaults(func=cmd_cache_teacher)
+
     a = sub.add_parser("analyze", help="layer spectra and intensity of models (SpectralKD analysis): CSV, PNG, markdown")
     a.add_argument("models", nargs="+", metavar="MODEL",
                    help="training checkpoint (.pt), run folder, exported .safetensors, or name:MODEL (random "
@@ -211,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first flag: `train CFG --quiet a.b=1` still overrides
-    if extra and args.command in ("train", "synthesize", "bench") and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and args.command in ("train", "synthesize", "bench", "cache-teacher") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -62,6 +62,9 @@ class DataConfig:
     num_workers: int = 0
     download: bool = True  # allow torchvision to download when no local copy is found
     synthetic: str | None = None  # images.safetensors from `vitdistill synthesize`: replaces the train split
+    # every training view a pure function of (run.seed, epoch, sample), mixup/cutmix per sample with a seeded
+    # partner (data/replay.py); implied by teacher.cache
+    replay: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -89,6 +92,7 @@ class TeacherConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
+    cache: str | None = None  # a folder written by `vitdistill cache-teacher`: logits come from it, not the teacher
 
 
 @dataclass
@@ -292,6 +296,8 @@ def validate(cfg: Config) -> None:
         check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
     feature_boundary = y.boundary == "feature" and y.boundary_weight > 0
     validate_datafree(cfg)
+    check(not cfg.teacher.cache or (cfg.teacher.name and not cfg.datafree.online),
+          f"teacher.cache='{cfg.teacher.cache}' needs teacher.name and a real training split (not datafree.online)")
     check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
            f"synthesis.per_class={y.per_class}: intra-divergence and the feature boundary need at least 2 images "
            "of a class per batch")

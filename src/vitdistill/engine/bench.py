@@ -1,4 +1,5 @@
-"""``vitdistill bench``: the step time and peak memory of every method against the online lower bound.
+"""``vitdistill bench``: the step time and peak memory of every method against the online lower bound
+(docs/methods.md §5.4).
 
 For the student/teacher pair, image size and batch of a config (random images, so no data is read), the median
 time of: a student-only training step (forward, backward, optimizer step: the ``none`` method), a teacher forward

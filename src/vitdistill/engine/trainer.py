@@ -31,6 +31,7 @@ from ..models import count_params, save_weights
 from ..models.factory import build_model, model_metadata
 from ..rng import capture_rng_state, restore_rng_state, seed_everything
 from ..schedule import cosine_with_warmup
+from ..teacher_cache import TeacherCache, fingerprint, replay_views
 from .checkpoint import atomic_torch_save, load_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
@@ -133,6 +134,14 @@ class Trainer:
         if t.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.online: OnlineDataFree | None = None
+        self.cache: TeacherCache | None = None
+        self.replay = cfg.data.replay or bool(cfg.teacher.cache)
+        if self.replay:  # views a pure function of (seed, epoch, sample), mixed inside the dataset
+            self.data.train = replay_views(cfg, self.data.train, self.data.num_classes)
+            self.data.mixup_fn = None
+        if cfg.teacher.cache:
+            self.cache = TeacherCache(cfg.teacher.cache, fingerprint(cfg, len(self.data.train), self.data.train_indices),
+                                      t.epochs)
         if online:
             self.online = OnlineDataFree(cfg, self.distiller.student, self.distiller.teacher, self.data.num_classes,
                                          self.data.mean, self.data.std, self.device, self.run_dir)
@@ -258,6 +267,8 @@ class Trainer:
         t, loaders = self.cfg.train, self.loaders
         self.model.train()
         loaders.train_sampler.set_epoch(epoch)
+        if self.replay:
+            self.data.train.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
@@ -265,18 +276,20 @@ class Trainer:
         progress = Progress(loaders.train, loaders.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}",
                             t.log_interval, not self.quiet)
         start = time.perf_counter()
-        for i, (images, targets) in enumerate(progress):
+        for i, batch in enumerate(progress):
             if i >= loaders.steps_per_epoch:
                 break
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            images, targets = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            # replayed views come mixed already, with their labels and sample indices
+            hard_targets = batch[2].to(self.device, non_blocking=True) if self.replay else targets
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            hard_targets = targets
             if self.data.mixup_fn is not None:
                 images, targets = self.data.mixup_fn(images, targets)
             teacher = None
-            if self.online is not None and self.online.relabels(self.distiller.stage):
+            if self.cache is not None:
+                teacher = self.cache.teacher_outputs(self.distiller, epoch, batch[3], images)
+            elif self.online is not None and self.online.relabels(self.distiller.stage):
                 # after mixup: the teacher labels the images the student sees, in the forward the method reads too
                 teacher = self.distiller.teacher_outputs(images, logits=True)
                 targets = self.online.soft_targets(teacher.logits)
