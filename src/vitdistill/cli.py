@@ -96,7 +96,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_path(args.config), args.overrides)
     out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "bench" / cfg.run.name
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup, methods=args.methods,
-                       num_classes=args.num_classes, out=out, memory=not args.no_memory, quiet=args.quiet)
+                       num_classes=args.num_classes, out=out, memory=not args.no_memory,
+                       cached=not args.no_cached, quiet=args.quiet)
     print(markdown(result))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", help="only these methods (default: every registered one)")
     b.add_argument("--num-classes", type=int, help="class count (default: the dataset's; needed for imagefolder)")
     b.add_argument("--out", help="folder for bench.json and bench.md (default: <run.output_dir>/bench/<run.name>)")
+    b.add_argument("--no-cached", action="store_true", help="skip the steps on cached teacher targets")
     b.add_argument("--no-memory", action="store_true", help="skip the peak memory (on the CPU: a process per runner)")
     b.add_argument("--quiet", action="store_true", help="no per-round lines")
     b.set_defaults(func=cmd_bench)

@@ -3,7 +3,9 @@
 
 For the student/teacher pair, image size and batch of a config (random images, so no data is read), the median
 time of: a student-only training step (forward, backward, optimizer step: the ``none`` method), a teacher forward
-in inference mode, and the full training step of every registered method (both stages of a two-stage method). A
+in inference mode, and the full training step of every registered method (both stages of a two-stage method), and of each method that runs a teacher on cached
+targets (``teacher.cache``: top-k logits rebuilt every step, teacher maps from a forward up to the tapped layer;
+reading the shard from disk is left out). A
 method's **overhead ratio** is its step over the bound (student step + teacher forward): 1.0 means it costs
 nothing beyond running both models once; a step that runs no teacher is set against the student step alone.
 
@@ -32,11 +34,22 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.datasets import TensorImageDataset
 from ..io import atomic_write_text
-from ..methods import Distiller, MethodError, build_method, get_method, list_methods, parse_method_params
+from ..methods import (
+    Distiller,
+    MethodError,
+    TeacherOutputs,
+    build_method,
+    get_method,
+    list_methods,
+    parse_method_params,
+)
 from ..models.factory import build_model
+from ..teacher_cache import reconstruct_logits
 from .distributed import resolve_device
 
 STUDENT, TEACHER = "student step (none)", "teacher forward"
+LAST_STAGE, CACHED = " (last stage)", " (cached)"
+CACHE_TOPK = 10  # vitdistill cache-teacher's default
 NUM_CLASSES = {"fashion-mnist": 10, "random": 10, "cifar10": 10, "cifar100": 100}  # imagefolder: say it
 
 
@@ -85,8 +98,8 @@ class _Bench:
                 with torch.inference_mode(), self.amp():
                     self.teacher(self.images)
             return forward
-        method, last_stage = name.removesuffix(" (last stage)"), name.endswith(" (last stage)")
-        method = "none" if name == STUDENT else method
+        last_stage, cached = name.endswith(LAST_STAGE), name.endswith(CACHED)
+        method = "none" if name == STUDENT else name.removesuffix(LAST_STAGE).removesuffix(CACHED)
         cfg, d = self.cfg, self.cfg.data
         params = parse_method_params(method, cfg.method.params if method == cfg.method.name else None)
         student = build_model(cfg.model, self.num_classes, d.in_chans, d.img_size)
@@ -102,17 +115,30 @@ class _Bench:
         params = [p for m in distiller.trainable_modules() for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         distiller.train()
+        if cached:  # the teacher's top-k as a cache holds them (fp16), made once; rebuilt into logits every step
+            with torch.inference_mode():
+                logits = self.teacher(self.images).float()
+            top = logits.topk(min(CACHE_TOPK, self.num_classes), dim=1)
+            record = (top.values.half().clone(), top.indices.clone(), torch.logsumexp(logits, 1).half().clone())
+
+        def teacher_outputs() -> TeacherOutputs | None:
+            if not cached:
+                return None  # the method runs the teacher itself
+            need_logits, tap = distiller.teacher_request()
+            maps = distiller.run_teacher(self.images, tap, need_logits=False)[1] if tap is not None else {}
+            return TeacherOutputs(reconstruct_logits(*record, self.num_classes) if need_logits else None, maps)
 
         def step() -> None:
             with self.amp():
-                _, losses = distiller(self.images, self.labels)
+                _, losses = distiller(self.images, self.labels, teacher_outputs())
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
         return step
 
     def runs_teacher(self, name: str) -> bool:
-        if name in (STUDENT, TEACHER) or name.endswith(" (last stage)"):
+        """Whether the step runs the teacher in full (cached steps run at most its tapped part)."""
+        if name in (STUDENT, TEACHER) or name.endswith((LAST_STAGE, CACHED)):
             return name == TEACHER
         return get_method(name).needs_teacher
 
@@ -164,10 +190,10 @@ def _cuda_peaks(runners: dict[str, Callable[[], None]], device: torch.device) ->
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] | None = None,
-              num_classes: int | None = None, out: Path | None = None, memory: bool = True,
+              num_classes: int | None = None, out: Path | None = None, memory: bool = True, cached: bool = True,
               quiet: bool = False) -> dict[str, Any]:
-    """Time every runner (and measure its peak memory when ``memory``); write ``bench.json`` and ``bench.md``
-    into ``out`` (when given); return the result."""
+    """Time every runner (and measure its peak memory when ``memory``; with ``cached``, also each teacher
+    method's step on cached targets); write ``bench.json`` and ``bench.md`` into ``out`` (when given)."""
     if steps < 1 or warmup < 0:
         raise ConfigError(f"bench: --steps={steps} must be >= 1 and --warmup={warmup} >= 0")
     known = list_methods()
@@ -188,8 +214,10 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
         except MethodError as e:
             skipped[method] = str(e)
             continue
+        if cached and get_method(method).needs_teacher:
+            runners[method + CACHED] = bench.runner(method + CACHED)
         if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
-            runners[f"{method} (last stage)"] = bench.runner(f"{method} (last stage)")
+            runners[method + LAST_STAGE] = bench.runner(method + LAST_STAGE)
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     for i in range(warmup + steps):
@@ -214,8 +242,9 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         with_teacher = bench.runs_teacher(name)
         ratio = None if name == TEACHER else median[name] / (bound_ms if with_teacher else median[STUDENT])
-        rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio,
-                             "" if with_teacher or name == TEACHER else "runs no teacher: vs the student step"))
+        note = ("" if with_teacher or name == TEACHER else "cached targets: vs the student step" if name.endswith(CACHED)
+                else "runs no teacher: vs the student step")
+        rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio, note))
     rows += [BenchRow(name, None, None, None, None, f"skipped: {why}") for name, why in skipped.items()]
     d, t = cfg.data, cfg.train
     result = {"student": cfg.model.name, "teacher": cfg.teacher.name, "img_size": d.img_size,
