@@ -132,6 +132,15 @@ def format_table(table: dict[tuple[str, str], list[float]], groups: Sequence[str
     return "\n".join(lines)
 
 
+def commit() -> str:
+    """The commit the runs were made with (as of this invocation), marked when the tree has changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "src", "configs", "benchmarks")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
+
+
 def machine() -> str:
     import torch
 

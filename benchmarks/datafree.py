@@ -26,7 +26,6 @@ Runs land in runs/bench/datafree/<profile>/ (sets/ for the fixed sets); re-runni
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from common import (
     REPO,
     Run,
     aggregate,
+    commit,
     mean_std,
     profile_parser,
     run_all,
@@ -128,15 +128,6 @@ def build_runs(p: dict, out: Path) -> list[Run]:
                 f"data.batch_size={batch}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
                 f"train.warmup_epochs={epochs * 0.1:.2f}", "data.eval_batch_size=1000"]))
     return runs
-
-
-def commit() -> str:
-    """The commit the runs were made with (as of this invocation), marked when the tree has changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "src", "configs", "benchmarks")
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
 
 
 def plot(points: dict[int, list[float]], path: Path) -> None:

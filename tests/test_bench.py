@@ -19,12 +19,13 @@ def test_bench_times_every_runner_against_the_bound(tmp_path, capsys):
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == [TEACHER, STUDENT, "kd", "kd (cached)", "dearkd", "dearkd (cached)", "dearkd (last stage)"]
+    assert list(rows) == [TEACHER, STUDENT, "kd", "kd (cached)", "dearkd", "dearkd (cached)",
+                          "dearkd (cached, maps too)", "dearkd (last stage)"]
     assert result["bound_ms"] == pytest.approx(rows[STUDENT]["median_ms"] + rows[TEACHER]["median_ms"])
     # teacher-running steps are set against the bound, teacher-free ones against the student step
     for name in ("kd", "dearkd"):
         assert rows[name]["ratio"] == pytest.approx(rows[name]["median_ms"] / result["bound_ms"])
-    for name in ("dearkd (last stage)", "kd (cached)", "dearkd (cached)"):  # teacher-free or cached steps
+    for name in ("dearkd (last stage)", "kd (cached)", "dearkd (cached)", "dearkd (cached, maps too)"):
         assert rows[name]["ratio"] == pytest.approx(rows[name]["median_ms"] / rows[STUDENT]["median_ms"])
     assert rows[TEACHER]["ratio"] is None and rows[STUDENT]["ratio"] == pytest.approx(1.0)
     # a training step holds activations, gradients and optimizer state a teacher forward does not

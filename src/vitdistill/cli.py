@@ -110,8 +110,8 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     if args.verify is not None:
         verify_cache(cfg, args.verify, seed=args.seed, folder=args.out)
         return 0
-    print(json.dumps(build_cache(cfg, folder=args.out, topk=args.topk, batch_size=args.batch_size, quiet=args.quiet),
-                     indent=2))
+    print(json.dumps(build_cache(cfg, folder=args.out, topk=args.topk, batch_size=args.batch_size, maps=args.maps,
+                                 quiet=args.quiet), indent=2))
     return 0
 
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="cache folder (default: teacher.cache)")
     c.add_argument("--topk", type=int, default=10, help="logits kept per view (all of them when >= the class count)")
     c.add_argument("--batch-size", type=int, help="teacher batch (default: data.eval_batch_size)")
+    c.add_argument("--maps", action="store_true", help="also the teacher's maps at method.params.teacher_layers "
+                                                        "(fp16): feature methods then run no teacher at all")
     c.add_argument("--verify", type=float, metavar="P",
                    help="instead: recompute a fraction P of the records with the live teacher and report agreement")
     c.add_argument("--seed", type=int, default=0, help="seed of the --verify sample")

@@ -3,12 +3,13 @@
 The cache pass replays the run's training views (``data.replay``: every view a pure function of run seed, epoch and
 sample index, mixup/cutmix included: ``data/replay.py``) through the eval-mode teacher and stores, per epoch and
 sample, the teacher's top-k logits and the logsumexp of all its logits (fp16, so the KD temperature stays free),
-the top-k class indices (the first is the argmax, for hard KD) and a hash of the exact input. One safetensors file
+the top-k class indices (the first is the argmax, for hard KD) and a hash of the exact input; with ``maps``, also
+the teacher's maps at the method's layers (fp16, full resolution), so that feature methods need no teacher at all. One safetensors file
 per epoch (read memory-mapped), written atomically: a killed pass resumes at the first missing epoch and never
 leaves half a shard. ``manifest.json`` holds the fingerprint of everything the targets depend on; a run or a
 cache pass under another config is refused. Training reads the logits from the cache and never runs the teacher
-for them; a method that reads teacher maps (DearKD stage 1, SpectralKD, feature_mse) still runs the teacher, but
-only up to its deepest tapped layer (docs/methods.md §5.3).
+for them; a method that reads teacher maps (DearKD stage 1, SpectralKD, feature_mse) reads them from the cache
+when it holds them, and otherwise runs the teacher only up to its deepest tapped layer (docs/methods.md §5.3).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .data.replay import MixSpec, ReplayableViews, view_hash
 from .errors import VitdistillError
 from .io import SAFETENSORS_ERRORS, atomic_write_text, read_safetensors, write_safetensors
 from .methods import Distiller, TeacherOutputs
+from .models import LayerTap
 from .models.factory import build_model
 
 __all__ = ["CacheError", "TeacherCache", "build_cache", "replay_views", "reconstruct_logits", "verify_cache"]
@@ -123,6 +125,7 @@ class TeacherCache:
             raise CacheError(f"teacher.cache='{self.folder}' lacks epochs {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                              f" of train.epochs={epochs}; run `vitdistill cache-teacher` again to finish it")
         self.num_classes, self.topk = int(info["num_classes"]), int(info["topk"])
+        self.map_layers = list(info.get("maps") or [])
         self.images = int(found["train_images"])
         self._epoch, self._shard = -1, {}
 
@@ -131,7 +134,7 @@ class TeacherCache:
             path = _epoch_path(self.folder, epoch)
             try:
                 shard, _ = read_safetensors(path)
-                ok = (set(shard) == {"values", "indices", "lse", "view_hash"} and shard["values"].shape ==
+                ok = ({"values", "indices", "lse", "view_hash"} <= set(shard) and shard["values"].shape ==
                       (self.images, self.topk) and shard["indices"].shape == (self.images, self.topk))
             except SAFETENSORS_ERRORS as e:
                 raise CacheError(f"teacher cache shard '{path}' cannot be read ({e}); delete it and run "
@@ -154,7 +157,13 @@ class TeacherCache:
         if not need_logits and tap is None:
             return None
         logits = self.logits(epoch, ids).to(images.device) if need_logits else None
-        maps = distiller.run_teacher(images, tap, need_logits=False)[1] if tap is not None else {}
+        if tap is None:
+            maps = {}
+        elif all(layer in self.map_layers for layer in tap.layers):
+            shard, rows = self.shard(epoch), ids.cpu().long()
+            maps = {layer: shard[f"map.{layer}"][rows].to(images.device, images.dtype) for layer in tap.layers}
+        else:
+            maps = distiller.run_teacher(images, tap, need_logits=False)[1]
         return TeacherOutputs(logits, maps)
 
 
@@ -174,9 +183,18 @@ def _prepare(cfg: Config) -> tuple[ReplayableViews, nn.Module, dict[str, Any], t
     return views, teacher, fingerprint(cfg, len(views), data.train_indices), device
 
 
+def _map_layers(cfg: Config) -> list[int | str]:
+    layers = (cfg.method.params or {}).get("teacher_layers")
+    if not isinstance(layers, list) or not layers:
+        raise CacheError(f"--maps stores the teacher's maps at method.params.teacher_layers, which is {layers!r} for "
+                         f"method '{cfg.method.name}'; give a list of layers (e.g. [1, 2])")
+    return layers
+
+
 def build_cache(cfg: Config, folder: str | Path | None = None, topk: int = 10, batch_size: int | None = None,
-                quiet: bool = False) -> dict[str, Any]:
-    """Write (or finish) the cache of ``cfg``'s run in ``folder`` (default ``teacher.cache``); returns a summary."""
+                maps: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Write (or finish) the cache of ``cfg``'s run in ``folder`` (default ``teacher.cache``); with ``maps``, also
+    the teacher's maps at ``method.params.teacher_layers``. Returns a summary."""
     folder = Path(folder or cfg.teacher.cache or "")
     if not str(folder) or str(folder) == ".":
         raise CacheError("cache-teacher needs a folder: set teacher.cache=DIR (or pass --out DIR)")
@@ -184,16 +202,18 @@ def build_cache(cfg: Config, folder: str | Path | None = None, topk: int = 10, b
     k = min(topk, views.num_classes)
     if topk < 1:
         raise CacheError(f"--topk={topk} must be >= 1")
+    layers = _map_layers(cfg) if maps else []
+    tap = LayerTap(teacher, layers) if layers else None
     manifest = folder / MANIFEST
     if manifest.is_file():
         found = json.loads(manifest.read_text())
         diff = _differences(found.get("fingerprint", {}), fp)
-        if diff or found.get("topk") != k:
-            raise CacheError(f"'{folder}' holds a cache made under another config ({'; '.join(diff[:3]) or 'topk'}); "
+        if diff or found.get("topk") != k or found.get("maps", []) != layers:
+            raise CacheError(f"'{folder}' holds a cache made under another config ({'; '.join(diff[:3]) or 'topk or maps'}); "
                              "choose another folder")
     else:
         atomic_write_text(manifest, json.dumps({"fingerprint": fp, "num_classes": views.num_classes, "topk": k,
-                                                "epochs": cfg.train.epochs}, indent=2) + "\n")
+                                                "maps": layers, "epochs": cfg.train.epochs}, indent=2) + "\n")
     start, done, written = time.perf_counter(), 0, 0
     for epoch in range(cfg.train.epochs):
         path = _epoch_path(folder, epoch)
@@ -203,11 +223,18 @@ def build_cache(cfg: Config, folder: str | Path | None = None, topk: int = 10, b
         views.set_epoch(epoch)
         loader = DataLoader(views, batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False,
                             num_workers=cfg.data.num_workers)
-        parts: dict[str, list[Tensor]] = {"values": [], "indices": [], "lse": [], "view_hash": []}
+        parts: dict[str, list[Tensor]] = {name: [] for name in ["values", "indices", "lse", "view_hash",
+                                                                  *(f"map.{layer}" for layer in layers)]}
         for images, _, _, _ in loader:
             parts["view_hash"].append(torch.tensor([view_hash(x) for x in images], dtype=torch.int64))
             with torch.inference_mode():
-                logits = teacher(images.to(device)).float()
+                if tap is None:
+                    logits = teacher(images.to(device)).float()
+                else:
+                    logits, tapped = tap(images.to(device), need_logits=True)
+                    logits = logits.float()
+                    for layer, m in tapped.items():
+                        parts[f"map.{layer}"].append(m.half().cpu())
             top = logits.topk(k, dim=1)
             parts["values"].append(top.values.half().cpu())
             parts["indices"].append(top.indices.to(torch.int16 if views.num_classes < 2**15 else torch.int32).cpu())

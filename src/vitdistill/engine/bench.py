@@ -48,7 +48,7 @@ from ..teacher_cache import reconstruct_logits
 from .distributed import resolve_device
 
 STUDENT, TEACHER = "student step (none)", "teacher forward"
-LAST_STAGE, CACHED = " (last stage)", " (cached)"
+LAST_STAGE, CACHED, CACHED_MAPS = " (last stage)", " (cached)", " (cached, maps too)"
 CACHE_TOPK = 10  # vitdistill cache-teacher's default
 NUM_CLASSES = {"fashion-mnist": 10, "random": 10, "cifar10": 10, "cifar100": 100}  # imagefolder: say it
 
@@ -91,15 +91,8 @@ class _Bench:
                 self._teacher.to(memory_format=torch.channels_last)
         return self._teacher
 
-    def runner(self, name: str) -> Callable[[], None]:
-        """``teacher forward``, or a method's training step (``METHOD`` or ``METHOD (last stage)``)."""
-        if name == TEACHER:
-            def forward() -> None:
-                with torch.inference_mode(), self.amp():
-                    self.teacher(self.images)
-            return forward
-        last_stage, cached = name.endswith(LAST_STAGE), name.endswith(CACHED)
-        method = "none" if name == STUDENT else name.removesuffix(LAST_STAGE).removesuffix(CACHED)
+    def _distiller(self, method: str) -> Distiller:
+        """``method`` with the config's params when it is the config's method, its defaults otherwise."""
         cfg, d = self.cfg, self.cfg.data
         params = parse_method_params(method, cfg.method.params if method == cfg.method.name else None)
         student = build_model(cfg.model, self.num_classes, d.in_chans, d.img_size)
@@ -110,22 +103,41 @@ class _Bench:
         distiller.prepare(TensorImageDataset(self.images.cpu(), self.labels.cpu()), cfg.run.seed)
         if cfg.train.channels_last:
             distiller.to(memory_format=torch.channels_last)
+        return distiller
+
+    def runner(self, name: str) -> Callable[[], None]:
+        """``teacher forward``, or a method's training step (``METHOD`` or ``METHOD (last stage)``)."""
+        if name == TEACHER:
+            def forward() -> None:
+                with torch.inference_mode(), self.amp():
+                    self.teacher(self.images)
+            return forward
+        last_stage, cached_maps = name.endswith(LAST_STAGE), name.endswith(CACHED_MAPS)
+        cached = cached_maps or name.endswith(CACHED)
+        method = "none" if name == STUDENT else name.removesuffix(LAST_STAGE).removesuffix(CACHED).removesuffix(CACHED_MAPS)
+        cfg = self.cfg
+        distiller = self._distiller(method)
         if last_stage:
             distiller.on_stage_change(distiller.stage_for_epoch(cfg.train.epochs - 1))
         params = [p for m in distiller.trainable_modules() for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         distiller.train()
-        if cached:  # the teacher's top-k as a cache holds them (fp16), made once; rebuilt into logits every step
-            with torch.inference_mode():
-                logits = self.teacher(self.images).float()
-            top = logits.topk(min(CACHE_TOPK, self.num_classes), dim=1)
-            record = (top.values.half().clone(), top.indices.clone(), torch.logsumexp(logits, 1).half().clone())
+        if cached:  # what a cache holds (fp16), made once: top-k rebuilt into logits, maps cast, every step
+            logits, stored = distiller.run_teacher(self.images, distiller.teacher_request()[1] if cached_maps else None)
+            top = logits.float().topk(min(CACHE_TOPK, self.num_classes), dim=1)
+            record = (top.values.half(), top.indices, torch.logsumexp(logits.float(), 1).half())
+            stored = {k: v.half() for k, v in stored.items()}
 
         def teacher_outputs() -> TeacherOutputs | None:
             if not cached:
                 return None  # the method runs the teacher itself
             need_logits, tap = distiller.teacher_request()
-            maps = distiller.run_teacher(self.images, tap, need_logits=False)[1] if tap is not None else {}
+            if tap is None:
+                maps = {}
+            elif cached_maps:
+                maps = {k: v.to(self.images.dtype) for k, v in stored.items()}
+            else:
+                maps = distiller.run_teacher(self.images, tap, need_logits=False)[1]
             return TeacherOutputs(reconstruct_logits(*record, self.num_classes) if need_logits else None, maps)
 
         def step() -> None:
@@ -136,9 +148,13 @@ class _Bench:
             optimizer.step()
         return step
 
+    def reads_maps(self, method: str) -> bool:
+        """Whether ``method`` (as configured here) reads teacher maps in its first stage."""
+        return self._distiller(method).teacher_request()[1] is not None
+
     def runs_teacher(self, name: str) -> bool:
         """Whether the step runs the teacher in full (cached steps run at most its tapped part)."""
-        if name in (STUDENT, TEACHER) or name.endswith((LAST_STAGE, CACHED)):
+        if name in (STUDENT, TEACHER) or name.endswith((LAST_STAGE, CACHED, CACHED_MAPS)):
             return name == TEACHER
         return get_method(name).needs_teacher
 
@@ -216,6 +232,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
             continue
         if cached and get_method(method).needs_teacher:
             runners[method + CACHED] = bench.runner(method + CACHED)
+            if bench.reads_maps(method):
+                runners[method + CACHED_MAPS] = bench.runner(method + CACHED_MAPS)
         if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
             runners[method + LAST_STAGE] = bench.runner(method + LAST_STAGE)
 
@@ -242,8 +260,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         with_teacher = bench.runs_teacher(name)
         ratio = None if name == TEACHER else median[name] / (bound_ms if with_teacher else median[STUDENT])
-        note = ("" if with_teacher or name == TEACHER else "cached targets: vs the student step" if name.endswith(CACHED)
-                else "runs no teacher: vs the student step")
+        note = ("" if with_teacher or name == TEACHER else "cached targets: vs the student step"
+                if name.endswith((CACHED, CACHED_MAPS)) else "runs no teacher: vs the student step")
         rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio, note))
     rows += [BenchRow(name, None, None, None, None, f"skipped: {why}") for name, why in skipped.items()]
     d, t = cfg.data, cfg.train
