@@ -262,3 +262,10 @@ def test_bad_datafree_values_are_named(online_values, override, message):
     values = {**online_values, "datafree": {**online_values["datafree"], **override}}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         config_from_dict(values)
+
+
+def test_online_runs_refuse_replayed_views_and_teacher_caches(online_values, tmp_path):
+    with pytest.raises(ConfigError, match="data.replay=true replays views of a real training split"):
+        config_from_dict({**online_values, "data": {**online_values["data"], "replay": True}})
+    with pytest.raises(ConfigError, match="teacher.cache=.* needs teacher.name and a real training split"):
+        config_from_dict({**online_values, "teacher": {**online_values["teacher"], "cache": str(tmp_path)}})

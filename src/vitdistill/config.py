@@ -296,6 +296,8 @@ def validate(cfg: Config) -> None:
         check(getattr(y, name) >= 0, f"synthesis.{name}={getattr(y, name)} must be >= 0")
     feature_boundary = y.boundary == "feature" and y.boundary_weight > 0
     validate_datafree(cfg)
+    check(not (cfg.data.replay and cfg.datafree.online),
+          "data.replay=true replays views of a real training split; datafree.online makes its own images (turn one off)")
     check(not cfg.teacher.cache or (cfg.teacher.name and not cfg.datafree.online),
           f"teacher.cache='{cfg.teacher.cache}' needs teacher.name and a real training split (not datafree.online)")
     check(y.per_class >= 2 or (y.diversity_weight == 0 and not feature_boundary),
