@@ -12,6 +12,7 @@ from vitdistill.config import AugmentConfig, DataConfig, config_from_dict
 from vitdistill.data import build_data
 from vitdistill.data.replay import MixSpec, ReplayableViews, view_hash
 from vitdistill.engine.trainer import train
+from vitdistill.methods import kd
 from vitdistill.models import create_model, save_weights
 from vitdistill.models.factory import build_model
 from vitdistill.teacher_cache import CacheError, TeacherCache, build_cache, fingerprint, verify_cache
@@ -182,10 +183,6 @@ def test_cache_teacher_command_builds_resumes_and_verifies(tmp_path, capsys):
 
 
 def test_a_killed_cached_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
-    from test_trainer import read_metrics
-
-    from vitdistill.methods import kd
-
     values = cached_values(tmp_path)
     build_cache(config_from_dict(values), quiet=True)
     full = train(config_from_dict({**values, "run": {**values["run"], "name": "full"}}), quiet=True)
