@@ -7,6 +7,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from test_trainer import read_metrics
 from vitdistill.cli import main
 from vitdistill.config import AugmentConfig, DataConfig, config_from_dict
 from vitdistill.data import build_data
