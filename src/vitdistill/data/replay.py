@@ -15,17 +15,17 @@ targets are mixed the same way (label smoothing first, then lambda).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+
+from ..rng import seeded_rng
 
 __all__ = ["MixSpec", "ReplayableViews", "sample_seed", "view_hash"]
 
@@ -46,21 +46,6 @@ def view_hash(view: torch.Tensor) -> int:
     h = hashlib.blake2b(f"{x.dtype}{tuple(x.shape)}".encode(), digest_size=8)
     h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return int.from_bytes(h.digest(), "little") >> 1
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Every global random source seeded for the block, the caller's states restored after it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 @dataclass
@@ -107,7 +92,7 @@ class ReplayableViews(Dataset):
     def view(self, index: int) -> tuple[torch.Tensor, int]:
         """Sample ``index`` augmented as it is in this epoch (before mixing), and its label."""
         image, label = self.raw[index]
-        with _seeded(sample_seed(self.seed, self.epoch, index)):
+        with seeded_rng(sample_seed(self.seed, self.epoch, index)):
             return self.transform(image), int(label)
 
     def _one_hot(self, label: int) -> torch.Tensor:
