@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import (
@@ -161,16 +162,20 @@ def main() -> None:
     start = time.perf_counter()
     threads = threads_per_job(jobs)
     runs = build_runs(p, out)
+
+    def make_sets() -> dict[tuple[str, int], dict]:  # `jobs` synthesis processes at once
+        keys = [(name, seed) for seed in p["seeds"] for name in SETS]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            return dict(zip(keys, pool.map(lambda k: fixed_set(out, k[0], k[1], p, threads), keys)))
+
     if args.part:
         if args.part == "sets":
-            for seed in p["seeds"]:
-                for name in SETS:
-                    fixed_set(out, name, seed, p, threads)
+            make_sets()
         chosen = [r for r in runs if part(r) == args.part]
         for r, s in run_all(chosen, out, jobs).items():
             print(f"{r}: top-1 {s['last_top1']:.2f}, {s['wall_time_s'] / 60:.1f} min")
         return
-    sets = {(name, seed): fixed_set(out, name, seed, p, threads) for seed in p["seeds"] for name in SETS}
+    sets = make_sets()
     results = run_all(runs, out, jobs)
     table = aggregate(runs, results)
     minutes: dict[tuple[str, str], list[float]] = {}
