@@ -49,7 +49,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder | random
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | digits | imagefolder | random
     root: str | None = None  # dataset folder; None searches the default places
     fraction: float = 1.0  # class-balanced, seeded subset of the training set
     subset_seed: int | None = None  # None: use run.seed
@@ -83,6 +83,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides
     pretrained: bool = False
     checkpoint: str | None = None  # local .safetensors / .pt / .pth weights
+    # fine-tuning: a trained student (run folder, last.pt, .safetensors); every weight but a head of another
+    # class count, the position embedding resampled to a new grid (models/finetune.py)
+    init: str | None = None
     mhca: MHCAConfig = field(default_factory=MHCAConfig)
 
 
@@ -265,6 +268,9 @@ def validate_data(d: DataConfig) -> None:
 def validate(cfg: Config) -> None:
     t = cfg.train
     validate_data(cfg.data)
+    check(not (cfg.model.init and cfg.model.checkpoint),
+          f"model.init='{cfg.model.init}' and model.checkpoint='{cfg.model.checkpoint}': give one (init drops a head "
+          "of another class count and resamples the position embedding; checkpoint loads exactly)")
     m = cfg.model.mhca
     check(0.0 <= m.pos_drop < 1.0, f"model.mhca.pos_drop={m.pos_drop} must be in [0, 1)")
     check(m.locality_strength >= 0, f"model.mhca.locality_strength={m.locality_strength} must be >= 0")

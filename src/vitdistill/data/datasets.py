@@ -38,7 +38,8 @@ __all__ = [
     "load_test_split",
 ]
 
-DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "random")
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "digits", "imagefolder", "random")
+DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0  # a fixed split: every run sees the same test images
 ENV_VAR = "VITDISTILL_DATA"
 # Searched (in this order, after cfg.root and $VITDISTILL_DATA) for the Fashion-MNIST IDX files.
 # Relative entries are relative to the working directory at call time. Tests may replace this list.
@@ -323,6 +324,39 @@ def _image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     return train, val, list(train.classes)
 
 
+# ----------------------------------------------------------------------------- digits
+
+
+def digits_split(labels: torch.Tensor, test_fraction: float = DIGITS_TEST_FRACTION,
+                 seed: int = DIGITS_SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """(train, test) indices: per class a seeded shuffle, its first ``round(test_fraction * n_c)`` to test."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in sorted(set(labels.tolist())):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        k = round(test_fraction * len(idx))
+        test += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(test)
+
+
+def _digits() -> tuple[TensorImageDataset, TensorImageDataset, list[str]]:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 16 grey levels, no download), as uint8;
+    the pipeline upsamples them to ``data.img_size``. The split is fixed (``digits_split``), not the run's seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("data.name='digits' needs scikit-learn (pip install scikit-learn)") from None
+    d = load_digits()
+    images = torch.from_numpy((d.images * 255.0 / 16.0).round()).to(torch.uint8)
+    labels = torch.from_numpy(d.target).long()
+    train, test = digits_split(labels)
+    classes = [str(i) for i in range(10)]
+    return (TensorImageDataset(images[train], labels[train], classes=classes),
+            TensorImageDataset(images[test], labels[test], classes=classes), classes)
+
+
 # ----------------------------------------------------------------------------- random
 
 
@@ -386,6 +420,8 @@ def _splits(cfg: DataConfig, seed: int, with_train: bool) -> tuple[Dataset | Non
         return _fashion_mnist(cfg, with_train)
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg)
+    if cfg.name == "digits":
+        return _digits()
     if cfg.name == "imagefolder":
         return _image_folder(cfg)
     return _random(cfg, seed)

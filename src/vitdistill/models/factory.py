@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig, TeacherConfig, resolve_path
 from .build import ModelError, create_model, load_checkpoint
+from .finetune import init_from_trained
 from .mhca import apply_mhca
 
 __all__ = ["build_model", "model_metadata"]
@@ -26,11 +27,15 @@ def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: i
             raise ModelError(f"model.mhca.blocks={mhca.blocks} for '{mcfg.name}': {e}") from None
     if mcfg.checkpoint:
         load_checkpoint(model, resolve_path(mcfg.checkpoint))
+    if getattr(mcfg, "init", None):
+        report = init_from_trained(model, resolve_path(mcfg.init))
+        print(f"model.init: {len(report['loaded'])} tensors from '{mcfg.init}'; fresh: {report['reinitialised'] or 'none'}"
+              f"; resampled: {report['resampled'] or 'none'}", flush=True)
     return model
 
 
 def model_metadata(cfg: Config, num_classes: int) -> dict[str, str]:
     """What `export`/`eval` need to rebuild the student from a bare safetensors file."""
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("checkpoint", "pretrained")}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("checkpoint", "pretrained", "init")}
     return {"model": json.dumps(model), "num_classes": str(num_classes), "in_chans": str(cfg.data.in_chans),
             "img_size": str(cfg.data.img_size), "dataset": cfg.data.name}
