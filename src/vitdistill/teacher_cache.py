@@ -102,20 +102,31 @@ def _epoch_path(folder: Path, epoch: int) -> Path:
     return folder / f"epoch_{epoch:04d}.safetensors"
 
 
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The cache's manifest, None when there is none; a damaged one is a CacheError."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info.get("fingerprint"), dict):
+            raise KeyError("fingerprint")
+        return info
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise CacheError(f"teacher cache '{folder}': {MANIFEST} is corrupt ({e}); delete the folder and make it "
+                         "again") from None
+
+
 class TeacherCache:
     """An opened cache: :meth:`teacher_outputs` gives a method its cached logits (plus live tapped maps)."""
 
     def __init__(self, folder: str | Path, expected: dict[str, Any], epochs: int) -> None:
         self.folder = Path(folder)
-        manifest = self.folder / MANIFEST
-        if not manifest.is_file():
+        info = _read_manifest(self.folder)
+        if info is None:
             raise CacheError(f"teacher.cache='{self.folder}' holds no cache ({MANIFEST} missing); make it with "
                              f"`vitdistill cache-teacher CONFIG` under the same config")
-        try:
-            info = json.loads(manifest.read_text())
-            found = info["fingerprint"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CacheError(f"teacher.cache='{self.folder}': {MANIFEST} is corrupt ({e})") from None
+        found = info["fingerprint"]
         diff = _differences(found, expected)
         if diff:
             raise CacheError(f"teacher.cache='{self.folder}' was made under another config: {'; '.join(diff[:5])}"
@@ -204,15 +215,14 @@ def build_cache(cfg: Config, folder: str | Path | None = None, topk: int = 10, b
         raise CacheError(f"--topk={topk} must be >= 1")
     layers = _map_layers(cfg) if maps else []
     tap = LayerTap(teacher, layers) if layers else None
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        diff = _differences(found.get("fingerprint", {}), fp)
+    found = _read_manifest(folder)
+    if found is not None:
+        diff = _differences(found["fingerprint"], fp)
         if diff or found.get("topk") != k or found.get("maps", []) != layers:
             raise CacheError(f"'{folder}' holds a cache made under another config ({'; '.join(diff[:3]) or 'topk or maps'}); "
                              "choose another folder")
     else:
-        atomic_write_text(manifest, json.dumps({"fingerprint": fp, "num_classes": views.num_classes, "topk": k,
+        atomic_write_text(folder / MANIFEST, json.dumps({"fingerprint": fp, "num_classes": views.num_classes, "topk": k,
                                                 "maps": layers, "epochs": cfg.train.epochs}, indent=2) + "\n")
     start, done, written = time.perf_counter(), 0, 0
     for epoch in range(cfg.train.epochs):

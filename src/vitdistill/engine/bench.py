@@ -146,11 +146,8 @@ class _Bench:
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
+        step.reads_maps = distiller.teacher_request()[1] is not None  # type: ignore[attr-defined]
         return step
-
-    def reads_maps(self, method: str) -> bool:
-        """Whether ``method`` (as configured here) reads teacher maps in its first stage."""
-        return self._distiller(method).teacher_request()[1] is not None
 
     def runs_teacher(self, name: str) -> bool:
         """Whether the step runs the teacher in full (cached steps run at most its tapped part)."""
@@ -232,7 +229,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
             continue
         if cached and get_method(method).needs_teacher:
             runners[method + CACHED] = bench.runner(method + CACHED)
-            if bench.reads_maps(method):
+            if runners[method].reads_maps:  # type: ignore[attr-defined]
                 runners[method + CACHED_MAPS] = bench.runner(method + CACHED_MAPS)
         if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
             runners[method + LAST_STAGE] = bench.runner(method + LAST_STAGE)
