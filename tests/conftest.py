@@ -21,3 +21,28 @@ def tiny_cfg_values(tmp_path):
         "model": {"name": "vitd_tiny_patch4_28", "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
         "train": {"epochs": 3, "lr": 2e-3, "warmup_epochs": 0.5, "log_interval": 1000},
     }
+
+
+@pytest.fixture
+def killed_run(monkeypatch):
+    """``killed_run(cfg, method_cls, step)`` trains ``cfg`` until the ``step``-th call of
+    ``method_cls.forward_train`` raises KeyboardInterrupt (a simulated kill), then removes the patch
+    so that the run can be resumed."""
+    from vitdistill.engine.trainer import train
+
+    def run(cfg, method_cls, step: int) -> None:
+        original, calls = method_cls.forward_train, [0]
+
+        def dying(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == step:
+                raise KeyboardInterrupt("simulated kill")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(method_cls, "forward_train", dying)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, quiet=True)
+        finally:
+            monkeypatch.setattr(method_cls, "forward_train", original)
+    return run

@@ -138,27 +138,15 @@ def _bank(run_dir):
 
 
 @pytest.mark.parametrize("synthesizer", ["generator", "pixel"])
-def test_killed_online_run_resumes_to_the_same_bank_and_metrics(online_values, tmp_path, monkeypatch, synthesizer):
+def test_killed_online_run_resumes_to_the_same_bank_and_metrics(online_values, tmp_path, killed_run, synthesizer):
     values = {**online_values, "datafree": {**online_values["datafree"], "synthesizer": synthesizer,
                                             "images_per_round": 32 if synthesizer == "generator" else 16}}
     full = train(config_from_dict({**values, "run": {**values["run"], "name": "full"}}), quiet=True)
-    calls = {"n": 0}
-    original = kd.KD.forward_train
-
-    def dying(self, images, targets, teacher=None):  # killed in epoch 2, after its first round
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets, teacher)
-
-    monkeypatch.setattr(kd.KD, "forward_train", dying)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, quiet=True)
+    killed_run(cfg, kd.KD, 6)  # in epoch 2, after its first round
     killed = tmp_path / "runs" / "killed"
     assert load_checkpoint(killed / "last.pt")["online"]["rounds"] == 2
     assert len(_bank(killed)) == 3  # a shard made after the checkpoint: resumption makes it again
-    monkeypatch.setattr(kd.KD, "forward_train", original)
     resumed = train(cfg, resume=True, quiet=True)
 
     a, b = _bank(tmp_path / "runs" / "full"), _bank(killed)

@@ -183,23 +183,12 @@ def test_cache_teacher_command_builds_resumes_and_verifies(tmp_path, capsys):
     assert "--verify=2.0 must be a fraction in (0, 1]" in capsys.readouterr().err
 
 
-def test_a_killed_cached_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+def test_a_killed_cached_run_resumes_to_the_same_metrics(tmp_path, killed_run):
     values = cached_values(tmp_path)
     build_cache(config_from_dict(values), quiet=True)
     full = train(config_from_dict({**values, "run": {**values["run"], "name": "full"}}), quiet=True)
-    original, calls = kd.KD.forward_train, []
-
-    def dying(self, images, targets, teacher=None):
-        calls.append(1)
-        if len(calls) == 6:  # in epoch 2
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets, teacher)
-
-    monkeypatch.setattr(kd.KD, "forward_train", dying)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, quiet=True)
-    monkeypatch.setattr(kd.KD, "forward_train", original)
+    killed_run(cfg, kd.KD, 6)  # in epoch 2
     resumed = train(cfg, resume=True, quiet=True)
     assert resumed["last_top1"] == full["last_top1"]
     assert read_metrics(tmp_path / "runs" / "killed") == read_metrics(tmp_path / "runs" / "full")

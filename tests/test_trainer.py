@@ -58,28 +58,16 @@ def test_tiny_vit_beats_chance_on_real_images(tiny_cfg_values, tmp_path):
     assert saved["best_top1"] >= saved["last_top1"] == summary["last_top1"]
 
 
-def test_killed_run_resumes_to_identical_metrics(tiny_cfg_values, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_identical_metrics(tiny_cfg_values, tmp_path, killed_run):
     values = tiny_cfg_values
     full = train(config_from_dict({**values, "run": {**values["run"], "name": "full"}}), quiet=True)
 
     # Same run, killed in the middle of epoch 2 (the 25th training step; epoch 1 has 18 steps).
-    calls = {"n": 0}
-    original = Vanilla.forward_train
-
-    def dying_forward_train(self, images, targets, teacher=None):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images, targets, teacher)
-
-    monkeypatch.setattr(Vanilla, "forward_train", dying_forward_train)
     cfg = config_from_dict({**values, "run": {**values["run"], "name": "killed"}})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, quiet=True)
+    killed_run(cfg, Vanilla, 25)
     killed_dir = tmp_path / "runs" / "killed"
     assert load_checkpoint(killed_dir / "last.pt")["epoch"] == 1
     assert not (killed_dir / "summary.json").exists()
-    monkeypatch.setattr(Vanilla, "forward_train", original)
 
     with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):
         train(cfg, quiet=True)

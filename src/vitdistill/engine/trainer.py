@@ -57,9 +57,9 @@ def warmup_epochs(warmup: float, epochs: int, quiet: bool = False) -> float:
     return epochs / 2
 
 
-def build_models(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
+def build_models(cfg: Config, num_classes: int, verbose: bool = False) -> tuple[nn.Module, nn.Module | None]:
     d = cfg.data
-    student = build_model(cfg.model, num_classes, d.in_chans, d.img_size)
+    student = build_model(cfg.model, num_classes, d.in_chans, d.img_size, verbose)
     teacher = build_model(cfg.teacher, num_classes, d.in_chans, d.img_size) if cfg.teacher.name else None
     return student, teacher
 
@@ -124,7 +124,7 @@ class Trainer:
         seed_everything(cfg.run.seed + self.info.rank, cfg.run.deterministic)
         self.data = build_data(cfg.data, seed=cfg.run.seed, label_smoothing=t.label_smoothing,
                                real_train=not online, evaluation=t.eval_every > 0)
-        student, teacher = build_models(cfg, self.data.num_classes)
+        student, teacher = build_models(cfg, self.data.num_classes, not self.quiet)
         self.metadata = model_metadata(cfg, self.data.num_classes)
         self.distiller: Distiller = build_method(cfg.method.name, params, student, teacher,
                                                  label_smoothing=t.label_smoothing, epochs=t.epochs)

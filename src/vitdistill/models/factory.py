@@ -15,8 +15,10 @@ from .mhca import apply_mhca
 __all__ = ["build_model", "model_metadata"]
 
 
-def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    """A model from its config section: timm by name, MHCA where asked, then local weights."""
+def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: int, img_size: int,
+                verbose: bool = False) -> nn.Module:
+    """A model from its config section: timm by name, MHCA where asked, then local weights
+    (``verbose``: say what ``model.init`` loaded)."""
     model = create_model(mcfg.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                          pretrained=mcfg.pretrained, **mcfg.kwargs)
     mhca = getattr(mcfg, "mhca", None)
@@ -29,8 +31,9 @@ def build_model(mcfg: ModelConfig | TeacherConfig, num_classes: int, in_chans: i
         load_checkpoint(model, resolve_path(mcfg.checkpoint))
     if getattr(mcfg, "init", None):
         report = init_from_trained(model, resolve_path(mcfg.init))
-        print(f"model.init: {len(report['loaded'])} tensors from '{mcfg.init}'; fresh: {report['reinitialised'] or 'none'}"
-              f"; resampled: {report['resampled'] or 'none'}", flush=True)
+        if verbose:
+            print(f"model.init: {len(report['loaded'])} tensors from '{mcfg.init}'; fresh: {report['reinitialised'] or 'none'}"
+                  f"; resampled: {report['resampled'] or 'none'}", flush=True)
     return model
 
 
