@@ -75,8 +75,9 @@ def steps_part(p: dict, out: Path, threads: int) -> dict[str, dict]:
     return results
 
 
-def official_part(p: dict, out: Path, official: Path) -> dict:
-    """Median step of the official SpectralKD code and of ours, interleaved; cached in official.json."""
+def official_part(p: dict, out: Path, official: Path) -> dict[str, dict[str, float]]:
+    """Median step of the official SpectralKD code and of ours, interleaved, once in float32 and once under
+    bfloat16 autocast (each side in the same precision); cached in official.json."""
     record = out / "official.json"
     if record.exists():
         return json.loads(record.read_text())
@@ -91,41 +92,47 @@ def official_part(p: dict, out: Path, official: Path) -> dict:
     from vitdistill.engine.bench import _Bench
 
     config, overrides, classes = PAIRS["DeiT-Ti <- CaiT-S24, 224 px"]
-    cfg = load_config(config, overrides)
-    ours = _Bench(cfg, classes)
     sys.path.insert(0, str(official))
     from customized_forward import register_forward  # the official repository's files
     from losses import DistillationLoss
 
-    params = cfg.method.params
-    student = timm.create_model(cfg.model.name, num_classes=classes)
-    teacher = timm.create_model(cfg.teacher.name, num_classes=classes).eval()
-    register_forward(student, cfg.model.name)
-    register_forward(teacher, cfg.teacher.name)
-    args = SimpleNamespace(distillation_type="soft", distillation_tau=params["temperature"],
-                           s_id=params["student_layers"], t_id=params["teacher_layers"],
-                           distillation_alpha=params["alpha"], distillation_beta=1.0, w_fft=params["fft_weight"])
-    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), teacher, args)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    student.train()
+    def measure(amp: str) -> dict[str, float]:
+        cfg = load_config(config, [*overrides, f"train.amp={amp}", "train.amp_dtype=bfloat16"])
+        ours = _Bench(cfg, classes)
+        params = cfg.method.params
+        student = timm.create_model(cfg.model.name, num_classes=classes)
+        teacher = timm.create_model(cfg.teacher.name, num_classes=classes).eval()
+        register_forward(student, cfg.model.name)
+        register_forward(teacher, cfg.teacher.name)
+        args = SimpleNamespace(distillation_type="soft", distillation_tau=params["temperature"],
+                               s_id=params["student_layers"], t_id=params["teacher_layers"],
+                               distillation_alpha=params["alpha"], distillation_beta=1.0, w_fft=params["fft_weight"])
+        criterion = DistillationLoss(torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), teacher,
+                                     args)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        student.train()
 
-    def official_step() -> None:
-        outputs = student(ours.images, args.s_id)
-        loss = sum(criterion(ours.images, outputs, ours.labels))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        def official_step() -> None:
+            with ours.amp():
+                outputs = student(ours.images, args.s_id)
+                loss = sum(criterion(ours.images, outputs, ours.labels))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-    runners = {"official SpectralKD": official_step, "vitdistill spectralkd": ours.runner("spectralkd"),
-               "student step (none)": ours.runner("student step (none)"), "teacher forward": ours.runner("teacher forward")}
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for i in range(p["warmup"] + p["steps"]):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            if i >= p["warmup"]:
-                times[name].append(time.perf_counter() - start)
-    result = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        runners = {"official SpectralKD": official_step, "vitdistill spectralkd": ours.runner("spectralkd"),
+                   "student step (none)": ours.runner("student step (none)"),
+                   "teacher forward": ours.runner("teacher forward")}
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for i in range(p["warmup"] + p["steps"]):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                if i >= p["warmup"]:
+                    times[name].append(time.perf_counter() - start)
+        return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+    result = {"float32": measure("false"), "bfloat16 autocast": measure("true")}
     record.write_text(json.dumps(result, indent=2))
     return result
 
@@ -196,6 +203,18 @@ def steps_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def official_table(official: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| precision | official SpectralKD ms | vitdistill spectralkd ms | ours / official | student step ms | "
+             "teacher forward ms | bound ms |", "|---|---|---|---|---|---|---|"]
+    for precision, r in official.items():
+        ours, theirs = r["vitdistill spectralkd"], r["official SpectralKD"]
+        bound = r["student step (none)"] + r["teacher forward"]
+        lines.append(f"| {precision} | {theirs:.0f} ({theirs / bound:.2f}x bound) | {ours:.0f} ({ours / bound:.2f}x "
+                     f"bound) | {ours / theirs:.2f}x | {r['student step (none)']:.0f} | {r['teacher forward']:.0f} | "
+                     f"{bound:.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = profile_parser(__doc__, PROFILES)
     parser.add_argument("--part", choices=("steps", "official", "fidelity", "parity"), help="run only this part")
@@ -228,9 +247,8 @@ def main() -> None:
         f"Wall time of this invocation {(time.perf_counter() - start) / 60:.0f} min (finished work is reused)."), "",
         "### Step times (`vitdistill bench`, random images)", "", *steps_table(steps),
         "### The official SpectralKD step beside ours (DeiT-Ti <- CaiT-S24, 224 px, batch 8, interleaved)", "",
-        *(["| step | median ms | vs the official |", "|---|---|---|",
-           *(f"| {k} | {v:.0f} | {v / official['official SpectralKD']:.2f}x |" for k, v in official.items())]
-          if official else ["Not measured in this invocation (no `--official DIR`)."]), "",
+        *(official_table(official) if official else ["Not measured in this invocation (no `--official DIR`)."]),
+        "",
         "### Replay fidelity (`vitdistill cache-teacher --verify 1`)", "",
         f"Cache of `configs/fashion_mnist/kd.yaml {' '.join(fidelity['overrides'])}`: {v['records']} (image, epoch) "
         f"records rebuilt in a fresh process; identical inputs (hash) {v['identical_inputs']}/{v['records']}; top-1 "

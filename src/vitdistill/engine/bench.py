@@ -3,10 +3,11 @@
 
 For the student/teacher pair, image size and batch of a config (random images, so no data is read), the median
 time of: a student-only training step (forward, backward, optimizer step: the ``none`` method), a teacher forward
-in inference mode, and the full training step of every registered method (both stages of a two-stage method), and of each method that runs a teacher on cached
-targets (``teacher.cache``: top-k logits rebuilt every step, teacher maps from a forward up to the tapped layer;
-reading the shard from disk is left out). A
-method's **overhead ratio** is its step over the bound (student step + teacher forward): 1.0 means it costs
+in inference mode, the full training step of every registered method (both stages of a two-stage method), the
+step of each method that runs a teacher on cached targets (``teacher.cache``: top-k logits rebuilt every step,
+teacher maps from a forward up to the tapped layer; reading the shard from disk is left out), and a method's own
+aligners with their loss (``(aligners alone)``: the trainable layers that map student maps onto teacher maps,
+compute the method adds to the bound). A method's **overhead ratio** is its step over the bound (student step + teacher forward): 1.0 means it costs
 nothing beyond running both models once; a step that runs no teacher is set against the student step alone.
 
 The runners are timed interleaved (one step of each in turn, ``steps`` times, after ``warmup`` rounds) so that a
@@ -48,7 +49,8 @@ from ..teacher_cache import reconstruct_logits
 from .distributed import resolve_device
 
 STUDENT, TEACHER = "student step (none)", "teacher forward"
-LAST_STAGE, CACHED, CACHED_MAPS = " (last stage)", " (cached)", " (cached, maps too)"
+LAST_STAGE, CACHED, CACHED_MAPS, ALIGNERS = " (last stage)", " (cached)", " (cached, maps too)", " (aligners alone)"
+SUFFIXES = (LAST_STAGE, CACHED, CACHED_MAPS, ALIGNERS)
 CACHE_TOPK = 10  # vitdistill cache-teacher's default
 NUM_CLASSES = {"fashion-mnist": 10, "random": 10, "cifar10": 10, "cifar100": 100}  # imagefolder: say it
 
@@ -114,9 +116,13 @@ class _Bench:
             return forward
         last_stage, cached_maps = name.endswith(LAST_STAGE), name.endswith(CACHED_MAPS)
         cached = cached_maps or name.endswith(CACHED)
-        method = "none" if name == STUDENT else name.removesuffix(LAST_STAGE).removesuffix(CACHED).removesuffix(CACHED_MAPS)
+        method = "none" if name == STUDENT else name
+        for suffix in SUFFIXES:
+            method = method.removesuffix(suffix)
         cfg = self.cfg
         distiller = self._distiller(method)
+        if name.endswith(ALIGNERS):
+            return self._aligner_step(distiller)
         if last_stage:
             distiller.on_stage_change(distiller.stage_for_epoch(cfg.train.epochs - 1))
         params = [p for m in distiller.trainable_modules() for p in m.parameters() if p.requires_grad]
@@ -149,9 +155,29 @@ class _Bench:
         step.reads_maps = distiller.teacher_request()[1] is not None  # type: ignore[attr-defined]
         return step
 
+    def _aligner_step(self, distiller: Distiller) -> Callable[[], None]:
+        """The method's aligners and alignment loss alone (forward, backward into the student maps, AdamW step on
+        the aligners), on the maps of one student and one teacher forward made beforehand."""
+        distiller.train()
+        with torch.no_grad(), self.amp():
+            s_maps = distiller.s_tap(self.images, need_logits=False)[1]
+            t_maps = distiller.run_teacher(self.images, distiller.t_tap, need_logits=False)[1]
+        s_maps = {k: v.detach().requires_grad_() for k, v in s_maps.items()}
+        optimizer = torch.optim.AdamW(distiller.aligners.parameters(), lr=1e-4)
+
+        def step() -> None:
+            with self.amp():
+                loss = distiller.alignment_loss(s_maps, t_maps)
+            optimizer.zero_grad(set_to_none=True)
+            for v in s_maps.values():
+                v.grad = None
+            loss.backward()
+            optimizer.step()
+        return step
+
     def runs_teacher(self, name: str) -> bool:
         """Whether the step runs the teacher in full (cached steps run at most its tapped part)."""
-        if name in (STUDENT, TEACHER) or name.endswith((LAST_STAGE, CACHED, CACHED_MAPS)):
+        if name in (STUDENT, TEACHER) or name.endswith(SUFFIXES):
             return name == TEACHER
         return get_method(name).needs_teacher
 
@@ -233,6 +259,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
                 runners[method + CACHED_MAPS] = bench.runner(method + CACHED_MAPS)
         if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
             runners[method + LAST_STAGE] = bench.runner(method + LAST_STAGE)
+        if hasattr(get_method(method), "alignment_loss"):
+            runners[method + ALIGNERS] = bench.runner(method + ALIGNERS)
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     for i in range(warmup + steps):
@@ -256,8 +284,10 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
     for name, values in times.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         with_teacher = bench.runs_teacher(name)
-        ratio = None if name == TEACHER else median[name] / (bound_ms if with_teacher else median[STUDENT])
-        note = ("" if with_teacher or name == TEACHER else "cached targets: vs the student step"
+        against_bound = with_teacher or name.endswith(ALIGNERS)
+        ratio = None if name == TEACHER else median[name] / (bound_ms if against_bound else median[STUDENT])
+        note = ("" if with_teacher or name == TEACHER else "the method's own layers: their share of the bound"
+                if name.endswith(ALIGNERS) else "cached targets: vs the student step"
                 if name.endswith((CACHED, CACHED_MAPS)) else "runs no teacher: vs the student step")
         rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio, note))
     rows += [BenchRow(name, None, None, None, None, f"skipped: {why}") for name, why in skipped.items()]

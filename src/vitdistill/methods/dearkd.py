@@ -97,7 +97,10 @@ class DearKD(Distiller):
             cls_logits, dist_logits = self.student(images)
         losses = {"ce": (1 - a) * self.ce(cls_logits, targets), "kd": a * p.kd_loss(dist_logits, teacher.logits)}
         if self.use_hidden:
-            pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(teacher.maps, self.t_layers))
-            hidden = sum(hidden_alignment_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs)
-            losses["hidden"] = p.hidden_weight * hidden / len(self.aligners)
+            losses["hidden"] = p.hidden_weight * self.alignment_loss(s_maps, teacher.maps)
         return (cls_logits + dist_logits) / 2, losses
+
+    def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
+        """The hidden alignment, mean over the layer pairs (unweighted)."""
+        pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
+        return sum(hidden_alignment_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)

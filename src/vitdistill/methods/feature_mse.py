@@ -44,6 +44,9 @@ class FeatureMSE(Distiller):
                       ) -> tuple[Tensor, dict[str, Tensor]]:
         logits, s_maps = self.s_tap(images, need_logits=True)
         t_maps = (teacher or self.teacher_outputs(images)).maps
+        return logits, {"ce": self.ce(logits, targets), "feature": self.params.weight * self.alignment_loss(s_maps, t_maps)}
+
+    def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
+        """Plain MSE of the aligned student maps to the raw teacher maps, mean over the layer pairs (unweighted)."""
         pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
-        mse = sum(F.mse_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)
-        return logits, {"ce": self.ce(logits, targets), "feature": self.params.weight * mse}
+        return sum(F.mse_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)
