@@ -191,8 +191,8 @@ def test_online_run_reads_no_training_image_and_keeps_the_teacher_frozen(online_
 
     build = trainer_module.build_models
 
-    def build_and_watch(cfg, n):
-        student, teacher = build(cfg, n)
+    def build_and_watch(*args):
+        student, teacher = build(*args)
         teacher_ref["t"] = teacher
         teacher_ref["before"] = {k: v.clone() for k, v in teacher.state_dict().items()}
         return student, teacher

@@ -13,6 +13,7 @@ from vitdistill.config import AugmentConfig, DataConfig, config_from_dict
 from vitdistill.data import build_data
 from vitdistill.data.replay import MixSpec, ReplayableViews, view_hash
 from vitdistill.engine.trainer import train
+from vitdistill.io import mmap_safetensors, read_safetensors, write_safetensors
 from vitdistill.methods import kd
 from vitdistill.models import create_model, save_weights
 from vitdistill.models.factory import build_model
@@ -130,8 +131,8 @@ def test_training_with_a_cache_never_runs_the_teacher_for_logits(tmp_path, monke
 
     build = trainer_module.build_models
 
-    def counting(cfg, n):
-        student, teacher = build(cfg, n)
+    def counting(*args):
+        student, teacher = build(*args)
         teacher.get_classifier().register_forward_pre_hook(lambda *_: heads.append(1))
         stem = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
         stem.register_forward_pre_hook(lambda *_: stems.append(1))
@@ -192,3 +193,24 @@ def test_a_killed_cached_run_resumes_to_the_same_metrics(tmp_path, killed_run):
     resumed = train(cfg, resume=True, quiet=True)
     assert resumed["last_top1"] == full["last_top1"]
     assert read_metrics(tmp_path / "runs" / "killed") == read_metrics(tmp_path / "runs" / "full")
+
+
+def test_memory_mapped_shard_reads_equal_the_stored_tensors_and_never_write_the_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"values": torch.randn(6, 3, generator=g).half(), "indices": torch.arange(18, dtype=torch.int16).view(6, 3),
+               "view_hash": torch.randint(-2**62, 2**62, (6,), generator=g), "map.1": torch.randn(6, 2, 2, 2, generator=g),
+               "empty": torch.zeros(0, 3, dtype=torch.float16)}
+    path = write_safetensors(tmp_path / "shard.safetensors", tensors, metadata={"epoch": "0"})
+    mapped = mmap_safetensors(path)
+    assert mapped.keys() == tensors.keys()
+    assert all(mapped[k].dtype == v.dtype and torch.equal(mapped[k], v) for k, v in tensors.items())
+    rows = torch.tensor([4, 0, 4, 2])
+    assert torch.equal(mapped["map.1"][rows], tensors["map.1"][rows])
+    mapped["values"][0] = 7  # copy-on-write: the file keeps its bytes
+    assert torch.equal(read_safetensors(path)[0]["values"], tensors["values"])
+    path.write_bytes(path.read_bytes()[:-8])  # a truncated file
+    with pytest.raises(ValueError):
+        mmap_safetensors(path)
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")  # a header that is not a table of tensors
+    with pytest.raises(ValueError, match="no safetensors header"):
+        mmap_safetensors(path)

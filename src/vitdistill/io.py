@@ -1,9 +1,10 @@
 """Files: every file vitdistill writes (checkpoints, weights, CSV, plots, reports) goes through
 :func:`atomic_open`, so a kill or crash never leaves a half-written file under the real name; and the one
-reader of safetensors files (weights, synthesised images, synthesis shards)."""
+reader of safetensors files (weights, synthesised images, synthesis shards), whole or memory-mapped."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -53,3 +55,32 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """``(tensors, metadata)`` of a safetensors file, on the CPU; raises one of ``SAFETENSORS_ERRORS``."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def mmap_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as CPU tensors over a memory map of it: indexing rows reads only their pages
+    (copy-on-write, so the file is never changed). Raises one of ``SAFETENSORS_ERRORS`` for a damaged file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size)) if size else None
+    if not isinstance(header, dict):
+        raise ValueError(f"'{path}' has no safetensors header")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (begin, end), shape = _NUMPY_DTYPES[entry["dtype"]], entry["data_offsets"], tuple(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor '{name}' of '{path}': a header entry {entry!r} that memory-mapped reading cannot "
+                             f"use (dtypes: {sorted(_NUMPY_DTYPES)})") from None
+        if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor '{name}' of '{path}': {end - begin} bytes do not hold a {shape} {entry['dtype']}")
+        array = (np.memmap(path, dtype=dtype, mode="c", offset=8 + size + begin, shape=shape) if end > begin
+                 else np.empty(shape, dtype=dtype))
+        tensors[name] = torch.from_numpy(array)
+    return tensors

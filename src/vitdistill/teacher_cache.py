@@ -30,7 +30,7 @@ from .config import Config, resolve_path
 from .data import build_data
 from .data.replay import MixSpec, ReplayableViews, view_hash
 from .errors import VitdistillError
-from .io import SAFETENSORS_ERRORS, atomic_write_text, read_safetensors, write_safetensors
+from .io import SAFETENSORS_ERRORS, atomic_write_text, mmap_safetensors, write_safetensors
 from .methods import Distiller, TeacherOutputs
 from .models import LayerTap
 from .models.factory import build_model
@@ -144,7 +144,7 @@ class TeacherCache:
         if epoch != self._epoch:
             path = _epoch_path(self.folder, epoch)
             try:
-                shard, _ = read_safetensors(path)
+                shard = mmap_safetensors(path)
                 ok = ({"values", "indices", "lse", "view_hash"} <= set(shard) and shard["values"].shape ==
                       (self.images, self.topk) and shard["indices"].shape == (self.images, self.topk))
             except SAFETENSORS_ERRORS as e:
