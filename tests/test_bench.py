@@ -52,3 +52,9 @@ def test_bench_skips_a_method_the_student_cannot_run(tmp_path):
     deit = next(r for r in result["rows"] if r["name"] == "deit")
     assert all(r["peak_mb"] is None for r in result["rows"])
     assert deit["median_ms"] is None and "needs a student with a distillation token" in deit["note"]
+
+
+def test_bench_has_no_aligner_row_for_dearkd_without_hidden_alignment(tmp_path):
+    cfg = load_config("configs/fashion_mnist/dearkd.yaml", [*TINY, "method.params.hidden_weight=0"])
+    result = run_bench(cfg, steps=1, warmup=0, methods=["dearkd"], memory=False, cached=False, quiet=True)
+    assert [r["name"] for r in result["rows"]] == [TEACHER, STUDENT, "dearkd", "dearkd (last stage)"]

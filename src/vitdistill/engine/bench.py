@@ -7,8 +7,9 @@ in inference mode, the full training step of every registered method (both stage
 step of each method that runs a teacher on cached targets (``teacher.cache``: top-k logits rebuilt every step,
 teacher maps from a forward up to the tapped layer; reading the shard from disk is left out), and a method's own
 aligners with their loss (``(aligners alone)``: the trainable layers that map student maps onto teacher maps,
-compute the method adds to the bound). A method's **overhead ratio** is its step over the bound (student step + teacher forward): 1.0 means it costs
-nothing beyond running both models once; a step that runs no teacher is set against the student step alone.
+compute the method adds to the bound). A method's **overhead ratio** is its step over the bound (student step +
+teacher forward): 1.0 means it costs nothing beyond running both models once; a step that runs no teacher is set
+against the student step alone, the aligners against the bound (their share of it).
 
 The runners are timed interleaved (one step of each in turn, ``steps`` times, after ``warmup`` rounds) so that a
 slow spell of a shared machine hits them all alike. Peak memory is what one step needs above what the runner
@@ -153,6 +154,7 @@ class _Bench:
             sum(losses.values()).backward()
             optimizer.step()
         step.reads_maps = distiller.teacher_request()[1] is not None  # type: ignore[attr-defined]
+        step.has_aligners = hasattr(distiller, "aligners")  # type: ignore[attr-defined]
         return step
 
     def _aligner_step(self, distiller: Distiller) -> Callable[[], None]:
@@ -259,7 +261,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
                 runners[method + CACHED_MAPS] = bench.runner(method + CACHED_MAPS)
         if get_method(method).stage_for_epoch is not Distiller.stage_for_epoch:  # a method with stages
             runners[method + LAST_STAGE] = bench.runner(method + LAST_STAGE)
-        if hasattr(get_method(method), "alignment_loss"):
+        if runners[method].has_aligners:  # type: ignore[attr-defined]
             runners[method + ALIGNERS] = bench.runner(method + ALIGNERS)
 
     times: dict[str, list[float]] = {k: [] for k in runners}
