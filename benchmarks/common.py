@@ -34,6 +34,7 @@ class Run:
     seed: int
     config: str
     overrides: list[str] = field(default_factory=list)
+    branch: tuple[str, int] | None = None  # (run name, epoch): start from that run's kept checkpoint (--branch-from)
 
     @property
     def name(self) -> str:
@@ -89,6 +90,9 @@ def _launch(run: Run, out: Path, threads: int) -> dict:
            f"run.name={run.name}", f"run.seed={run.seed}", "--quiet"]
     if (folder / "last.pt").exists():
         cmd.append("--resume")
+    elif run.branch is not None:
+        parent, epoch = run.branch
+        cmd += ["--branch-from", os.path.relpath(out / parent / f"epoch_{epoch:03d}.pt", REPO)]
     start = time.perf_counter()
     vitdistill_cli(cmd, threads, what=f"run {run.name}")
     print(f"[{time.strftime('%H:%M:%S')}] done {run.name} in {time.perf_counter() - start:.0f}s", flush=True)

@@ -10,8 +10,13 @@ Parts (``--part``; both by default):
     python benchmarks/dearkd_schedule.py --profile quick   # pipeline check, about 15 min on 2 CPU cores
     python benchmarks/dearkd_schedule.py --profile full    # the tables (size in PROFILES; many hours on 2 CPU cores)
 
+DearKD switching at 5/6 and at 1/2 are the one-stage run until their switch, so they branch from its checkpoints
+(`train.keep_epochs`, `vitdistill train --branch-from`): the same result as training them from scratch (tested),
+without training the shared epochs again (their wall time includes the shared epochs).
+
 The full profile: 30 epochs at batch 128 (the DearKD table ran 5, where stage 2 was one epoch); 2 seeds x 6 rows x
-2 fractions + 2 runs on all the data + 12 fine-tuning runs. On 2 CPU cores that is about 12 h (the 100% rows alone
+2 fractions + 2 runs on all the data + 12 fine-tuning runs. On 2 CPU cores that is about 9 h with the branches (an
+estimate from the quick profile's images/s; about 12 h without them; the 100% rows alone
 about 5 h), so it is meant to run in parts (every run resumes) or on a GPU. Runs land in
 runs/bench/dearkd_schedule/<profile>/.
 """
@@ -55,13 +60,19 @@ def schedule_runs(p: dict) -> list[Run]:
     e = p["epochs"]
     common = [f"train.epochs={e}", f"train.warmup_epochs={max(1, e // 10)}", "train.eval_every=1",
               f"data.batch_size={p['batch_size']}", "data.eval_batch_size=1000"]
+    switches = {DEARKD: round(5 / 6 * e), HALF: e // 2}  # the rows that are the one-stage run until their switch
     runs = []
     for seed in p["seeds"]:
         for fraction in p["fractions"]:
+            column = f"{fraction:.0%}"
+            one_stage = Run(ONE_STAGE, column, seed, "").name
             for row, (config, extra) in ROWS.items():
                 extra = [x.replace("EPOCHS", str(e)).replace("HALF", str(e // 2)) for x in extra]
-                runs.append(Run(row, f"{fraction:.0%}", seed, str(CONFIGS / config),
-                                [*common, f"data.fraction={fraction}", *extra]))
+                if row == ONE_STAGE:
+                    extra.append(f"train.keep_epochs={sorted({s for s in switches.values() if 1 <= s <= e})}")
+                switch = switches.get(row)
+                runs.append(Run(row, column, seed, str(CONFIGS / config), [*common, f"data.fraction={fraction}", *extra],
+                                branch=(one_stage, switch) if switch else None))
         runs.append(Run(VIT, f"{p['all_data']:.0%}", seed, str(CONFIGS / "student_vit.yaml"),
                         [*common, f"data.fraction={p['all_data']}"]))
     return runs
@@ -123,7 +134,10 @@ def main() -> None:
     smallest = f"{p['fractions'][0]:.0%}"
     sources = {row: next(r for r in runs if r.group == row and r.column == smallest and r.seed == p["seeds"][0])
                for row in SOURCES}
-    results = run_all(runs, out / "schedule", args.jobs) if args.part != "transfer" else {}
+    results = {}
+    if args.part != "transfer":  # the branches start from the one-stage runs' kept checkpoints: those first
+        results = run_all([r for r in runs if r.branch is None], out / "schedule", args.jobs)
+        results |= run_all([r for r in runs if r.branch is not None], out / "schedule", args.jobs)
     if args.part == "schedule":
         return
     if args.part == "transfer":

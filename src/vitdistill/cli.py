@@ -16,7 +16,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine.trainer import train
 
     if args.config is None:
-        if not args.resume:
+        if not isinstance(args.resume, str):  # no CONFIG: --resume must name the run folder
             raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR to continue a run)")
         run_dir = Path(args.resume)
         values = load_checkpoint(run_dir / "last.pt")["config"]
@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("overrides cannot be combined with --resume RUN_DIR; a resumed run keeps its config")
     else:
         cfg = load_config(resolve_path(args.config), args.overrides)
-    summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    summary = train(cfg, resume=bool(args.resume), quiet=args.quiet, branch_from=args.branch_from)
     print(json.dumps({k: summary[k] for k in ("run", "best_top1", "last_top1", "wall_time_s")}, indent=2))
     return 0
 
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 data.fraction=0.1")
     t.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue the run from its last checkpoint (optionally: the run folder)")
+    t.add_argument("--branch-from", metavar="CKPT",
+                   help="start a new run from another run's checkpoint (e.g. its epoch_NNN.pt from train.keep_epochs) "
+                        "under a config that may differ in run.name/output_dir, train.keep_epochs and "
+                        "method.params.switch_epoch where the epochs already trained agree")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
 

@@ -126,6 +126,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     tensorboard: bool = False
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None = whole epoch
+    keep_epochs: list[int] = field(default_factory=list)  # also keep the checkpoint after these epochs (branch points)
 
 
 @dataclass
@@ -286,6 +287,8 @@ def validate(cfg: Config) -> None:
     dev = t.device
     check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"train.device='{dev}' must be auto, cpu, cuda or cuda:N")
     check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch must be >= 1 or null")
+    check(all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= t.epochs for e in t.keep_epochs),
+          f"train.keep_epochs={t.keep_epochs} must list epoch counts in [1, train.epochs={t.epochs}]")
     y = cfg.synthesis
     for name in ("images_per_class", "per_class", "batch_size", "iterations"):
         check(getattr(y, name) >= 1, f"synthesis.{name}={getattr(y, name)} must be at least 1")

@@ -102,7 +102,8 @@ def _build_loaders(cfg: Config, data, info: DistInfo) -> _Loaders:
 class Trainer:
     """Builds everything from a Config and runs (or resumes) it. ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False, branch_from: str | Path | None = None
+                 ) -> None:
         self.cfg = cfg
         self.info = setup_distributed(cfg.train.device)
         self.quiet = quiet or not self.info.is_main
@@ -113,7 +114,13 @@ class Trainer:
                                 f"or choose another run.name=... / run.output_dir=...")
         if resume and not ckpt_path.exists():
             raise TrainingError(f"--resume: no checkpoint '{ckpt_path}' to resume from")
+        if branch_from is not None and (resume or cfg.datafree.online or not Path(branch_from).is_file()):
+            why = ("a branch starts a new run; it cannot be combined with --resume" if resume else
+                   "datafree.online keeps its image bank in the run folder; online runs cannot branch"
+                   if cfg.datafree.online else "no such checkpoint file")
+            raise TrainingError(f"--branch-from '{branch_from}': {why}")
         resume_state = load_checkpoint(ckpt_path) if resume else None
+        branch_state = load_checkpoint(branch_from) if branch_from is not None else None
 
         t = cfg.train
         params = parse_method_params(cfg.method.name, cfg.method.params)  # a bad param fails before any work
@@ -167,6 +174,9 @@ class Trainer:
         self.wall_time = 0.0
         if resume_state is not None:
             self._load_state(resume_state)
+        elif branch_state is not None:
+            self._check_branch(branch_state, branch_from)
+            self._load_state(branch_state, check_config=False)
         else:
             self._apply_stage(self.distiller.stage_for_epoch(0))
         self.model = self._wrap()
@@ -220,9 +230,31 @@ class Trainer:
             "online": self.online.state_dict() if self.online else None,
         }
 
-    def _load_state(self, state: dict[str, Any]) -> None:
+    def _check_branch(self, state: dict[str, Any], path: str | Path) -> None:
+        """A branch continues another run's checkpoint under a config that may differ in the run's name and
+        folder, ``train.keep_epochs`` and ``method.params.switch_epoch``, and only where this run's stages agree
+        with the epochs already trained: then it equals an uninterrupted run of its own config."""
+        saved, now = config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg)
+        for values in (saved, now):
+            values["run"] = {k: v for k, v in values["run"].items() if k not in ("name", "output_dir")}
+            values["train"] = {k: v for k, v in values["train"].items() if k != "keep_epochs"}
+            values["method"]["params"] = {k: v for k, v in (values["method"]["params"] or {}).items()
+                                          if k != "switch_epoch"}
+        diff = [k for k in now if saved[k] != now[k]]
+        if diff:
+            raise TrainingError(f"--branch-from '{path}': the config differs from the checkpoint's in sections {diff}; "
+                                "a branch may change only run.name, run.output_dir, train.keep_epochs and "
+                                "method.params.switch_epoch")
+        stages = [(row["epoch"], row["stage"], self.distiller.stage_for_epoch(row["epoch"] - 1))
+                  for row in state["history"]]
+        wrong = [(epoch, was) for epoch, was, would in stages if was != would]
+        if wrong:
+            raise TrainingError(f"--branch-from '{path}': epoch {wrong[0][0]} ran in stage {wrong[0][1]}, which this "
+                                f"config's stages do not (branch at or before the first epoch where they differ)")
+
+    def _load_state(self, state: dict[str, Any], check_config: bool = True) -> None:
         saved = config_from_dict(state["config"])
-        if config_to_dict(saved) != config_to_dict(self.cfg):
+        if check_config and config_to_dict(saved) != config_to_dict(self.cfg):
             diff = [k for k, v in config_to_dict(self.cfg).items() if config_to_dict(saved)[k] != v]
             raise TrainingError(f"--resume: the config differs from the checkpoint's in sections {diff}; "
                                 f"resume with the run's own config.yaml")
@@ -243,7 +275,10 @@ class Trainer:
 
     def _save(self, epoch: int) -> None:
         if self.info.is_main:
-            atomic_torch_save(self._state(epoch), self.run_dir / LAST_CHECKPOINT)
+            state = self._state(epoch)
+            atomic_torch_save(state, self.run_dir / LAST_CHECKPOINT)
+            if epoch in self.cfg.train.keep_epochs:  # a branch point for other runs (--branch-from)
+                atomic_torch_save(state, self.run_dir / f"epoch_{epoch:03d}.pt")
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
             if self.online is not None:
                 self.online.write_log()
@@ -410,9 +445,11 @@ class Trainer:
         cleanup_distributed(self.info)
 
 
-def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train (or resume) one run; returns its summary (also written to ``summary.json``)."""
-    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+def train(cfg: Config, resume: bool = False, quiet: bool = False, branch_from: str | Path | None = None
+          ) -> dict[str, Any]:
+    """Train (or resume, or branch from another run's checkpoint) one run; returns its summary (also written to
+    ``summary.json``)."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet, branch_from=branch_from)
     try:
         return trainer.fit()
     finally:
