@@ -227,13 +227,13 @@ def test_a_branch_at_the_switch_equals_an_uninterrupted_run(tmp_path):
     """DearKD in one stage keeps its epoch-1 checkpoint; a run branched from it with switch_epoch=1 ends exactly
     where an uninterrupted switch_epoch=1 run ends (the shared epoch is not trained twice)."""
     base = {"student_layers": [0, 1], "teacher_layers": [1, 2]}
-    full = train(config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, run="full")), quiet=True)
-    parent = method_values(tmp_path, "dearkd", {**base, "switch_epoch": 3}, run="one_stage")
+    full = train(config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, epochs=2, run="full")), quiet=True)
+    parent = method_values(tmp_path, "dearkd", {**base, "switch_epoch": 2}, epochs=2, run="one_stage")
     parent["train"]["keep_epochs"] = [1, 2]
     train(config_from_dict(parent), quiet=True)
     kept = tmp_path / "runs" / "one_stage" / "epoch_001.pt"
     assert kept.is_file() and (tmp_path / "runs" / "one_stage" / "epoch_002.pt").is_file()
-    branch = config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, run="branch"))
+    branch = config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, epochs=2, run="branch"))
     branched = train(branch, quiet=True, branch_from=kept)
 
     assert branched["last_top1"] == full["last_top1"]
@@ -243,10 +243,10 @@ def test_a_branch_at_the_switch_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # epoch 2 ran in stage 1 in the parent but would be stage 2 with switch_epoch=1: no branch from there
-    late = config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, run="late"))
+    late = config_from_dict(method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1}, epochs=2, run="late"))
     with pytest.raises(TrainingError, match="epoch 2 ran in stage 1, which this config's stages do not"):
         train(late, quiet=True, branch_from=tmp_path / "runs" / "one_stage" / "epoch_002.pt")
-    other = method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1, "alpha": 0.3}, run="other")
+    other = method_values(tmp_path, "dearkd", {**base, "switch_epoch": 1, "alpha": 0.3}, epochs=2, run="other")
     with pytest.raises(TrainingError, match=r"differs from the checkpoint's in sections \['method'\]"):
         train(config_from_dict(other), quiet=True, branch_from=kept)
     with pytest.raises(TrainingError, match="a branch starts a new run; it cannot be combined with --resume"):
