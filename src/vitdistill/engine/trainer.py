@@ -44,6 +44,8 @@ class TrainingError(VitdistillError, RuntimeError):
 
 
 LAST_CHECKPOINT = "last.pt"
+#: what a `--branch-from` run's config may change: nothing that alters the epochs already trained
+BRANCH_MAY_CHANGE = ("run.name", "run.output_dir", "train.keep_epochs", "method.params.switch_epoch")
 
 
 def warmup_epochs(warmup: float, epochs: int, quiet: bool = False) -> float:
@@ -236,15 +238,16 @@ class Trainer:
         with the epochs already trained: then it equals an uninterrupted run of its own config."""
         saved, now = config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg)
         for values in (saved, now):
-            values["run"] = {k: v for k, v in values["run"].items() if k not in ("name", "output_dir")}
-            values["train"] = {k: v for k, v in values["train"].items() if k != "keep_epochs"}
-            values["method"]["params"] = {k: v for k, v in (values["method"]["params"] or {}).items()
-                                          if k != "switch_epoch"}
+            for path in BRANCH_MAY_CHANGE:
+                *parents, key = path.split(".")
+                section = values
+                for name in parents:
+                    section = section.get(name) or {}
+                section.pop(key, None)
         diff = [k for k in now if saved[k] != now[k]]
         if diff:
             raise TrainingError(f"--branch-from '{path}': the config differs from the checkpoint's in sections {diff}; "
-                                "a branch may change only run.name, run.output_dir, train.keep_epochs and "
-                                "method.params.switch_epoch")
+                                f"a branch may change only {', '.join(BRANCH_MAY_CHANGE)}")
         stages = [(row["epoch"], row["stage"], self.distiller.stage_for_epoch(row["epoch"] - 1))
                   for row in state["history"]]
         wrong = [(epoch, was) for epoch, was, would in stages if was != would]

@@ -24,7 +24,7 @@ from .base import (
     register_method,
 )
 from .deit import require_distillation_token
-from .features import build_aligners, ordered
+from .features import build_aligners, paired_alignment_loss
 
 #: the paper's switch point is not public; our default is the first 5/6 of the epochs (docs/methods.md §1.4)
 DEFAULT_STAGE1_FRACTION = 5 / 6
@@ -102,5 +102,4 @@ class DearKD(Distiller):
 
     def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
         """The hidden alignment, mean over the layer pairs (unweighted)."""
-        pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
-        return sum(hidden_alignment_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)
+        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, hidden_alignment_loss)

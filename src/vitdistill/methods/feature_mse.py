@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Distiller, LayerPairParams, TeacherOutputs, register_method
-from .features import build_aligners, ordered
+from .features import build_aligners, paired_alignment_loss
 
 
 @dataclass
@@ -48,5 +48,4 @@ class FeatureMSE(Distiller):
 
     def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
         """Plain MSE of the aligned student maps to the raw teacher maps, mean over the layer pairs (unweighted)."""
-        pairs = zip(self.aligners, ordered(s_maps, self.s_layers), ordered(t_maps, self.t_layers))
-        return sum(F.mse_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(self.aligners)
+        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, F.mse_loss)

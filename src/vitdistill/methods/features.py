@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -45,3 +45,10 @@ def build_aligners(student: nn.Module, teacher: nn.Module, s_layers: list[int], 
 
 def ordered(maps: dict[Any, Tensor], layers: list[Any]) -> list[Tensor]:
     return [maps[layer] for layer in layers]
+
+
+def paired_alignment_loss(aligners: nn.ModuleList, s_maps: dict, t_maps: dict, s_layers: list[Any],
+                          t_layers: list[Any], pair_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``pair_loss(aligner(H_s), H_t)`` in float32, mean over the layer pairs (unweighted)."""
+    pairs = zip(aligners, ordered(s_maps, s_layers), ordered(t_maps, t_layers))
+    return sum(pair_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(aligners)
