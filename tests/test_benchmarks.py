@@ -1,0 +1,34 @@
+"""The benchmark scripts' run lists measure what their rows say (checked on the lists, nothing is trained)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitdistill.config import load_config
+from vitdistill.methods.dearkd import DEFAULT_STAGE1_FRACTION
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import datafree  # noqa: E402
+
+
+def first_stage2_epoch(cfg) -> int:
+    switch = (cfg.method.params or {}).get("switch_epoch")
+    return round(DEFAULT_STAGE1_FRACTION * cfg.train.epochs) if switch is None else switch
+
+
+@pytest.mark.parametrize("profile", ["full"])
+def test_datafree_stage2_pair_trains_a_stage_2_that_differs_only_in_its_targets(profile, tmp_path):
+    p = datafree.PROFILES[profile]
+    runs = [r for r in datafree.build_runs(p, tmp_path) if r.group in datafree.STAGE2_ROWS]
+    assert len(runs) == 2 * len(p["seeds"])
+    configs = {(r.group, r.seed): load_config(r.config, r.overrides) for r in runs}
+    for cfg in configs.values():
+        assert 0 < first_stage2_epoch(cfg) < cfg.train.epochs
+    for seed in p["seeds"]:
+        teacher, labels = (configs[(row, seed)] for row in datafree.STAGE2_ROWS)
+        assert (teacher.datafree.stage2_targets, labels.datafree.stage2_targets) == ("teacher", "labels")
+        labels.datafree.stage2_targets = "teacher"
+        assert labels == teacher
