@@ -45,6 +45,8 @@ from common import (
 )
 from df_dearkd import set_dir, synthesize
 
+from vitdistill.methods.dearkd import DEFAULT_STAGE1_FRACTION
+
 CONFIGS = REPO / "configs" / "fashion_mnist"
 TEACHER_TOP1 = 92.81  # BENCHMARKS.md, teachers section
 ONLINE = "DF-DearKD online (ViT)"
@@ -114,6 +116,12 @@ def stage2_switch(p: dict, row: str) -> list[str]:
     ablation budget's 2 epochs the default switch, round(5/6 * 2) = 2, would leave no stage 2 to compare."""
     epochs = epochs_rounds(p, SMALL)[0]
     return [f"method.params.switch_epoch={epochs - 1}"] if row in STAGE2_ROWS and epochs > 1 else []
+
+
+def stage2_text(p: dict, budget: str) -> str:
+    epochs = epochs_rounds(p, budget)[0]
+    switch = round(DEFAULT_STAGE1_FRACTION * epochs)
+    return f"stage 2 from epoch {switch + 1} of {epochs}" if switch < epochs else "no stage 2"
 
 
 def build_runs(p: dict, out: Path) -> list[Run]:
@@ -218,7 +226,11 @@ def main() -> None:
             f"Setting: teacher `weights/resnetd_small_28_fmnist.safetensors` ({TEACHER_TOP1}%); no real training "
             f"image; batch 128; {budgets}. The fixed-set rows take as many steps as the full-budget online row over "
             f"a set of {p['set_images_per_class'] * 10} images made with {p['set_iterations']} iterations per batch. "
-            f"{p['synthesis_steps']} synthesis steps per round after a first round of {p['first_round_steps']}; seeds "
+            f"{p['synthesis_steps']} synthesis steps per round after a first round of {p['first_round_steps']}. "
+            f"DearKD's default switch (5/6 of the epochs): {stage2_text(p, FULL)} at the full budget, "
+            f"{stage2_text(p, SMALL)} at the ablation budget, except the stage-2 pair "
+            f"({'stage 2 in the last epoch' if stage2_switch(p, STAGE2_TEACHER) else 'no stage 2 in one epoch'}). "
+            f"Seeds "
             f"{p['seeds']}; top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
             f"Code: commit {commit()}.  ",
             f"Compute: {sum(sum(v) for v in minutes.values()) / 60:.2f} h summed over runs; wall time of this "
