@@ -13,7 +13,7 @@ plus training, is in the table):
 - the CNN student (resnetd_tiny_28) online, for the CNN-student literature (ZSKD: 0.88 of its teacher);
 - accuracy against synthesis compute: the headline row at three `datafree.synthesis_steps` budgets (a plot).
 
-    python benchmarks/datafree.py --profile quick   # pipeline check, 1 seed, about 15 min on 2 CPU cores
+    python benchmarks/datafree.py --profile quick   # pipeline check, 1 seed, 9 min on 2 CPU cores (measured)
     python benchmarks/datafree.py --profile full    # 2 seeds (size in PROFILES), resumable
     python benchmarks/datafree.py --profile full --part headline   # one part now, the rest later
 
