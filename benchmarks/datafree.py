@@ -19,8 +19,9 @@ plus training, is in the table):
 
 The full profile (measured) is about 12 h of CPU summed over runs, 6 h of wall time on 2 cores at --jobs 2: the
 headline rows (ViT 2 x 81 min, CNN 2 x 26 min; the ViT needs its 1,600 student steps to pass 80%), the fixed sets
-(synthesis 4 x 24 min, training 4 x 41-48 min) and the ablations and compute budgets (16 runs of 12-18 min). `--part` runs the online headline rows (`headline`), the
-fixed sets (`sets`) or the ablations and budgets (`ablations`); the table is written once every part is done.
+(synthesis 4 x 24 min, training 4 x 41-48 min) and the ablations and compute budgets (16 runs of 12-18 min).
+`--part` runs the online headline rows (`headline`), the fixed sets (`sets`) or the ablations and budgets
+(`ablations`); the table is written once every part is done.
 
 Runs land in runs/bench/datafree/<profile>/ (sets/ for the fixed sets); re-running resumes or skips finished work.
 """
@@ -229,10 +230,8 @@ def main() -> None:
             f"a set of {p['set_images_per_class'] * 10} images made with {p['set_iterations']} iterations per batch. "
             f"{p['synthesis_steps']} synthesis steps per round after a first round of {p['first_round_steps']}. "
             f"DearKD's default switch (5/6 of the epochs): {stage2_text(p, FULL)} at the full budget, "
-            f"{stage2_text(p, SMALL)} at the ablation budget, except the stage-2 pair "
-            f"({'stage 2 in the last epoch' if stage2_switch(p, STAGE2_TEACHER) else 'no stage 2 in one epoch'}). "
-            f"Seeds "
-            f"{p['seeds']}; top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
+            f"{stage2_text(p, SMALL)} at the ablation budget except in the stage-2 pair "
+            f"({'its last epoch' if stage2_switch(p, STAGE2_TEACHER) else 'none'}). Seeds {p['seeds']}; top-1 after the last epoch on the real 10k test set, mean ± sample std.  ",
             f"Code: commit {commit()}.  ",
             f"Compute: {sum(sum(v) for v in minutes.values()) / 60:.2f} h summed over runs; wall time of this "
             f"invocation {(time.perf_counter() - start) / 60:.0f} min (finished work is reused, not redone)."), "",
