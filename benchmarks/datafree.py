@@ -47,7 +47,7 @@ from common import (
 )
 from df_dearkd import set_dir, synthesize
 
-from vitdistill.methods.dearkd import DEFAULT_STAGE1_FRACTION
+from vitdistill.methods.dearkd import switch_epoch_for
 
 CONFIGS = REPO / "configs" / "fashion_mnist"
 TEACHER_TOP1 = 92.81  # BENCHMARKS.md, teachers section
@@ -122,7 +122,7 @@ def stage2_switch(p: dict, row: str) -> list[str]:
 
 def stage2_text(p: dict, budget: str) -> str:
     epochs = epochs_rounds(p, budget)[0]
-    switch = round(DEFAULT_STAGE1_FRACTION * epochs)
+    switch = switch_epoch_for(epochs)
     return f"stage 2 from epoch {switch + 1} of {epochs}" if switch < epochs else "no stage 2"
 
 

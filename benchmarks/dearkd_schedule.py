@@ -41,6 +41,8 @@ from common import (
     write_section,
 )
 
+from vitdistill.methods.dearkd import switch_epoch_for
+
 CONFIGS = REPO / "configs" / "fashion_mnist"
 VIT, KD, DEIT, DEARKD = "ViT alone", "soft KD", "DeiT", "DearKD (switch at 5/6)"
 ONE_STAGE, HALF = "DearKD one stage", "DearKD switch at 1/2"
@@ -60,7 +62,7 @@ def schedule_runs(p: dict) -> list[Run]:
     e = p["epochs"]
     common = [f"train.epochs={e}", f"train.warmup_epochs={max(1, e // 10)}", "train.eval_every=1",
               f"data.batch_size={p['batch_size']}", "data.eval_batch_size=1000"]
-    switches = {DEARKD: round(5 / 6 * e), HALF: e // 2}  # the rows that are the one-stage run until their switch
+    switches = {DEARKD: switch_epoch_for(e), HALF: e // 2}  # the rows that are the one-stage run until their switch
     runs = []
     for seed in p["seeds"]:
         for fraction in p["fractions"]:
@@ -106,7 +108,7 @@ def plot(out: Path, runs: list[Run], p: dict, path: Path) -> None:
 
     fraction = f"{p['fractions'][0]:.0%}"
     fig, ax = plt.subplots(figsize=(6, 4))
-    switches = {DEARKD: round(5 / 6 * p["epochs"]), ONE_STAGE: None, HALF: p["epochs"] // 2, VIT: None}
+    switches = {DEARKD: switch_epoch_for(p["epochs"]), ONE_STAGE: None, HALF: p["epochs"] // 2, VIT: None}
     for row, switch in switches.items():
         members = [r for r in runs if r.group == row and r.column == fraction]
         curves = [curve(out, r) for r in members]

@@ -6,15 +6,14 @@ import sys
 from pathlib import Path
 
 from vitdistill.config import load_config
-from vitdistill.methods.dearkd import DEFAULT_STAGE1_FRACTION
+from vitdistill.methods.dearkd import switch_epoch_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import datafree  # noqa: E402
 
 
 def first_stage2_epoch(cfg) -> int:
-    switch = (cfg.method.params or {}).get("switch_epoch")
-    return round(DEFAULT_STAGE1_FRACTION * cfg.train.epochs) if switch is None else switch
+    return switch_epoch_for(cfg.train.epochs, (cfg.method.params or {}).get("switch_epoch"))
 
 
 def test_datafree_stage2_pair_trains_a_stage_2_that_differs_only_in_its_targets(tmp_path):

@@ -30,6 +30,11 @@ from .features import build_aligners, paired_alignment_loss
 DEFAULT_STAGE1_FRACTION = 5 / 6
 
 
+def switch_epoch_for(epochs: int, switch_epoch: int | None = None) -> int:
+    """The first (0-based) epoch of stage 2: as configured, or 5/6 of the epochs (``epochs``: no stage 2)."""
+    return round(DEFAULT_STAGE1_FRACTION * epochs) if switch_epoch is None else switch_epoch
+
+
 @dataclass
 class DearKDParams(LogitKDParams, LayerPairParams):
     switch_epoch: int | None = None  # first (0-based) epoch of stage 2; null: round(5/6 * train.epochs)
@@ -60,7 +65,7 @@ class DearKD(Distiller):
         super().__init__(*args, **kwargs)
         p = self.params
         require_distillation_token(self.student, "dearkd")
-        self.switch_epoch = round(DEFAULT_STAGE1_FRACTION * self.epochs) if p.switch_epoch is None else p.switch_epoch
+        self.switch_epoch = switch_epoch_for(self.epochs, p.switch_epoch)
         if not 0 <= self.switch_epoch <= self.epochs:
             raise MethodError(f"method.params.switch_epoch={p.switch_epoch} must be an integer in "
                               f"[0, train.epochs={self.epochs}] (the first epoch of stage 2; null = 5/6 of the epochs)")
