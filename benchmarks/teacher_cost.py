@@ -56,7 +56,7 @@ ALL_AUGMENTATIONS = ["data.augment.crop_padding=2", "data.augment.hflip=0.5",
 PROFILES = {
     "quick": {"pairs": 2, "steps": 3, "warmup": 1, "fidelity": (0.02, 2), "seeds": [0], "fraction": 0.02,
               "epochs": 2, "long_epochs": 3},
-    "full": {"pairs": 5, "steps": 10, "warmup": 3, "fidelity": (0.1, 2), "seeds": [0, 1], "fraction": 0.1,
+    "full": {"pairs": 5, "steps": 30, "warmup": 3, "fidelity": (0.1, 2), "seeds": [0, 1], "fraction": 0.1,
              "epochs": 5, "long_epochs": 30},
 }
 METHODS = {"kd": "kd.yaml", "dearkd": "dearkd.yaml"}
@@ -192,7 +192,8 @@ def steps_table(results: dict[str, dict]) -> list[str]:
     lines = []
     for name, r in results.items():
         lines += [f"**{name}**: {r['student']} <- {r['teacher']}, {r['img_size']} px, batch {r['batch_size']}; "
-                  f"bound (student step + teacher forward) {r['bound_ms']:.0f} ms", "",
+                  f"bound (student step + teacher forward) {r['bound_ms']:.0f} ms; medians of {r['steps']} interleaved "
+                  f"rounds after {r['warmup']}", "",
                   "| runner | median ms | IQR ms | peak MB | overhead ratio |", "|---|---|---|---|---|"]
         for row in r["rows"]:
             cells = [f"{row[k]:.1f}" if isinstance(row[k], float) else "—" for k in ("median_ms", "iqr_ms")]

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from vitdistill.losses import (
     Aligner,
+    aligned_mse_loss,
     hard_kd_loss,
     hidden_alignment_loss,
     normalize_teacher_map,
@@ -123,3 +124,39 @@ def test_hidden_alignment_loss():
     assert hidden_alignment_loss(aligner(torch.randn(2, 32, 7, 7)), teacher).item() > 0
     with pytest.raises(ValueError, match=r"\(2, 16, 7, 7\) and \(2, 16, 14, 14\)"):
         hidden_alignment_loss(torch.randn(2, 16, 7, 7), teacher)
+
+
+@pytest.mark.parametrize("student_grid, teacher_grid, kind", [
+    ((7, 7), (7, 7), "conv1x1"), ((7, 7), (28, 14), "deconv"), ((7, 7), (10, 10), "upsample_conv"),
+    ((7, 7), (4, 4), "pool_conv"), ((7, 7), (14, 4), "resize_conv")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_aligned_mse_loss_equals_the_direct_formula(student_grid, teacher_grid, kind, normalize):
+    """The expanded form of the token-wise aligners gives the loss and gradients of MSE(aligner(x), T)."""
+    torch.manual_seed(5)
+    aligner = Aligner(12, 6, student_grid, teacher_grid)
+    assert aligner.kind == kind
+    torch.nn.init.normal_(aligner.proj.bias)
+    x = torch.randn(3, 12, *student_grid, requires_grad=True)
+    teacher = 2 * torch.randn(3, 6, *teacher_grid) + 1
+    target = _reference_standardise(teacher) if normalize else teacher
+    params = [x, aligner.proj.weight, aligner.proj.bias]
+
+    def loss_and_grads(fn):
+        loss = fn()
+        return loss, torch.autograd.grad(loss, params)
+
+    ref, ref_grads = loss_and_grads(lambda: ((aligner(x) - target) ** 2).mean())
+    got, got_grads = loss_and_grads(lambda: aligned_mse_loss(aligner, x, teacher, normalize))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", torch.bfloat16):  # the large matmul in bfloat16: close, not equal
+        low, low_grads = loss_and_grads(lambda: aligned_mse_loss(aligner, x, teacher, normalize))
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, rtol=2e-2, atol=0)
+    for g, r in zip(low_grads, ref_grads):
+        assert (g - r).norm() <= 3e-2 * r.norm()
+    with pytest.raises(ValueError, match=r"teacher map must have shape \(3, 6, "):
+        aligned_mse_loss(aligner, x, teacher[:, :5], normalize)
+    with pytest.raises(ValueError, match="Aligner expects a student map"):
+        aligned_mse_loss(aligner, x[:, :5], teacher, normalize)

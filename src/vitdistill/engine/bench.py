@@ -8,8 +8,9 @@ step of each method that runs a teacher on cached targets (``teacher.cache``: to
 teacher maps from a forward up to the tapped layer; reading the shard from disk is left out), and a method's own
 aligners with their loss (``(aligners alone)``: the trainable layers that map student maps onto teacher maps,
 compute the method adds to the bound). A method's **overhead ratio** is its step over the bound (student step +
-teacher forward): 1.0 means it costs nothing beyond running both models once; a step that runs no teacher is set
-against the student step alone, the aligners against the bound (their share of it).
+teacher forward), the median over rounds of the ratio within a round: 1.0 means it costs nothing beyond running
+both models once; a step that runs no teacher is set against the student step alone, the aligners against the
+bound (their share of it).
 
 The runners are timed interleaved (one step of each in turn, ``steps`` times, after ``warmup`` rounds) so that a
 slow spell of a shared machine hits them all alike. Peak memory is what one step needs above what the runner
@@ -64,6 +65,7 @@ class BenchRow:
     peak_mb: float | None
     ratio: float | None  # step / bound
     note: str = ""
+    times_ms: list[float] | None = None  # every timed step, in round order
 
 
 class _Bench:
@@ -282,16 +284,19 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, methods: list[str] 
 
     median = {k: 1000 * statistics.median(v) for k, v in times.items()}
     bound_ms = median[STUDENT] + median[TEACHER]
+    bounds = [s + t for s, t in zip(times[STUDENT], times[TEACHER])]  # per round
     rows = []
     for name, values in times.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         with_teacher = bench.runs_teacher(name)
-        against_bound = with_teacher or name.endswith(ALIGNERS)
-        ratio = None if name == TEACHER else median[name] / (bound_ms if against_bound else median[STUDENT])
+        against = bounds if with_teacher or name.endswith(ALIGNERS) else times[STUDENT]
+        # within a round, so that a slow spell of the machine cancels out
+        ratio = None if name == TEACHER else statistics.median(v / a for v, a in zip(values, against))
         note = ("" if with_teacher or name == TEACHER else "the method's own layers: their share of the bound"
                 if name.endswith(ALIGNERS) else "cached targets: vs the student step"
                 if name.endswith((CACHED, CACHED_MAPS)) else "runs no teacher: vs the student step")
-        rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio, note))
+        rows.append(BenchRow(name, median[name], 1000 * (q[2] - q[0]), peaks.get(name), ratio, note,
+                             [1000 * v for v in values]))
     rows += [BenchRow(name, None, None, None, None, f"skipped: {why}") for name, why in skipped.items()]
     d, t = cfg.data, cfg.train
     result = {"student": cfg.model.name, "teacher": cfg.teacher.name, "img_size": d.img_size,

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Aligner", "normalize_teacher_map", "hidden_alignment_loss"]
+__all__ = ["Aligner", "aligned_mse_loss", "normalize_teacher_map", "hidden_alignment_loss"]
 
 
 def _pair(value: Sequence[int] | int, what: str) -> tuple[int, int]:
@@ -92,13 +92,16 @@ class Aligner(nn.Module):
             return f"resize_conv (bilinear resize + 1x1 conv): {shapes}"
         return f"conv1x1: {shapes}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         expected = (self.student_channels, *self.student_grid)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"Aligner expects a student map of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                 f"got {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.resample is not None:
             x = self.resample(x)
         return self.proj(x)
@@ -130,3 +133,45 @@ def hidden_alignment_loss(aligned: torch.Tensor, teacher_map: torch.Tensor) -> t
             f"{tuple(aligned.shape)} and {tuple(teacher_map.shape)}"
         )
     return F.mse_loss(aligned.float(), normalize_teacher_map(teacher_map))
+
+
+def aligned_mse_loss(aligner: Aligner, student_map: torch.Tensor, teacher_map: torch.Tensor, normalize: bool
+                     ) -> torch.Tensor:
+    """``MSE(aligner(student_map), T)``, mean over all elements, in float32: ``T`` is the teacher map,
+    standardised over channels (:func:`normalize_teacher_map`) when ``normalize``.
+
+    The token-wise aligners (``conv1x1``, ``deconv``) map each student token ``u`` to a patch ``y = u W + b``
+    of teacher positions, so the sum of squares over tokens is expanded as
+    ``sum ||u W||^2 + 2 (u W).b + ||b||^2 - 2 (u W + b).p + ||p||^2`` with ``p`` the token's teacher patch and
+    ``||u W||^2 = u (W W^T) u``: the aligned map is never built, and a step costs two large matmuls
+    (``P W^T`` forward, ``U^T P`` for the weight gradient) instead of the transposed convolution's three, with
+    no elementwise passes over its output (docs/methods.md §1.2). ``P W^T`` runs in the autocast dtype when
+    autocast is on, as the convolution would; the rest in float32. Other kinds use the direct formula.
+    """
+    aligner.check_input(student_map)
+    if teacher_map.dim() != 4 or teacher_map.shape[1:] != (aligner.teacher_channels, *aligner.teacher_grid) \
+            or teacher_map.shape[0] != student_map.shape[0]:
+        raise ValueError(
+            f"teacher map must have shape ({student_map.shape[0]}, {aligner.teacher_channels}, "
+            f"{aligner.teacher_grid[0]}, {aligner.teacher_grid[1]}) for this aligner, got {tuple(teacher_map.shape)}")
+    if aligner.kind not in ("conv1x1", "deconv"):
+        aligned = aligner(student_map).float()
+        return hidden_alignment_loss(aligned, teacher_map) if normalize else F.mse_loss(aligned, teacher_map.float())
+    device = student_map.device.type
+    fast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    b, (hs, ws), ct = student_map.shape[0], aligner.student_grid, aligner.teacher_channels
+    fh, fw = aligner.teacher_grid[0] // hs, aligner.teacher_grid[1] // ws
+    with torch.autocast(device, enabled=False):
+        # weight as (Cs, fh*fw*Ct): a transposed conv stores (Cs, Ct, fh, fw), a 1x1 conv (Ct, Cs, 1, 1)
+        w = aligner.proj.weight.float()
+        w = w.permute(0, 2, 3, 1) if aligner.kind == "deconv" else w.permute(1, 2, 3, 0)
+        w = w.reshape(w.shape[0], -1)
+        bias = aligner.proj.bias.float().repeat(fh * fw)
+        u = student_map.float().permute(0, 2, 3, 1).reshape(b * hs * ws, -1)
+        # the teacher patch of each token, its fh*fw positions x Ct channels in the order of w's columns
+        p = teacher_map.float().view(b, ct, hs, fh, ws, fw).permute(0, 2, 4, 3, 5, 1).reshape(-1, fh * fw, ct)
+        p = (F.layer_norm(p, (ct,), eps=1e-5) if normalize else p).reshape(u.shape[0], -1)
+        cross = (p.to(fast) @ w.t().to(fast)).float()  # (tokens, Cs): P W^T
+        total = ((u @ (w @ w.t())) * u).sum() + 2 * u.sum(0) @ (w @ bias) + u.shape[0] * bias.dot(bias) \
+            - 2 * (u * cross).sum() - 2 * bias.dot(p.sum(0)) + p.square().sum()
+    return total / p.numel()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..losses import hidden_alignment_loss
 from .base import (
     Distiller,
     KDMode,
@@ -107,4 +106,4 @@ class DearKD(Distiller):
 
     def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
         """The hidden alignment, mean over the layer pairs (unweighted)."""
-        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, hidden_alignment_loss)
+        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, normalize=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Distiller, LayerPairParams, TeacherOutputs, register_method
@@ -48,4 +47,4 @@ class FeatureMSE(Distiller):
 
     def alignment_loss(self, s_maps: dict, t_maps: dict) -> Tensor:
         """Plain MSE of the aligned student maps to the raw teacher maps, mean over the layer pairs (unweighted)."""
-        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, F.mse_loss)
+        return paired_alignment_loss(self.aligners, s_maps, t_maps, self.s_layers, self.t_layers, normalize=False)

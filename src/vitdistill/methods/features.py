@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..losses import Aligner
+from ..losses import Aligner, aligned_mse_loss
 from ..models import LayerTap
 
 
@@ -49,7 +48,8 @@ def ordered(maps: dict[Any, Tensor], layers: list[Any]) -> list[Tensor]:
 
 
 def paired_alignment_loss(aligners: nn.ModuleList, s_maps: dict, t_maps: dict, s_layers: list[Any],
-                          t_layers: list[Any], pair_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """``pair_loss(aligner(H_s), H_t)`` in float32, mean over the layer pairs (unweighted)."""
+                          t_layers: list[Any], normalize: bool) -> Tensor:
+    """``MSE(aligner(H_s), H_t)`` in float32 (``H_t`` standardised over channels when ``normalize``), mean over
+    the layer pairs (unweighted)."""
     pairs = zip(aligners, ordered(s_maps, s_layers), ordered(t_maps, t_layers))
-    return sum(pair_loss(aligner(s).float(), t.float()) for aligner, s, t in pairs) / len(aligners)
+    return sum(aligned_mse_loss(aligner, s, t, normalize) for aligner, s, t in pairs) / len(aligners)
