@@ -10,9 +10,11 @@ Parts (``--part``; both by default):
     python benchmarks/dearkd_schedule.py --profile quick   # pipeline check, about 15 min on 2 CPU cores
     python benchmarks/dearkd_schedule.py --profile full    # the tables (size in PROFILES; many hours on 2 CPU cores)
 
-DearKD switching at 5/6 and at 1/2 are the one-stage run until their switch, so they branch from its checkpoints
-(`train.keep_epochs`, `vitdistill train --branch-from`): the same result as training them from scratch (tested),
-without training the shared epochs again (their wall time includes the shared epochs).
+Order: the smallest fraction's first seed, then the transfer part (it fine-tunes those students), then the other
+seeds and fractions, the runs on all the data last. DearKD switching at 5/6 and at 1/2 are the one-stage run until
+their switch, so they branch from its checkpoints (`train.keep_epochs`, `vitdistill train --branch-from`): the same
+result as training them from scratch (tested), without training the shared epochs again (their wall time includes
+the shared epochs).
 
 The full profile: 30 epochs at batch 128 (the DearKD table ran 5, where stage 2 was one epoch); 2 seeds x 6 rows x
 2 fractions + 2 runs on all the data + 12 fine-tuning runs. On 2 CPU cores that is about 9 h with the branches (an
@@ -80,6 +82,14 @@ def schedule_runs(p: dict) -> list[Run]:
     return runs
 
 
+def schedule_cells(runs: list[Run], p: dict) -> list[list[Run]]:
+    """The order to train them: each fraction and seed in turn, the smallest fraction's first seed first (the
+    students the transfer part fine-tunes); the runs on all the data last, all seeds at once (the longest)."""
+    every = f"{p['all_data']:.0%}"
+    cells = [[r for r in runs if r.column == f"{f:.0%}" and r.seed == seed] for f in p["fractions"] for seed in p["seeds"]]
+    return [*cells, [r for r in runs if r.column == every]]
+
+
 def transfer_runs(p: dict, out: Path, sources: dict[str, Run]) -> list[Run]:
     e = p["transfer_epochs"]
     common = [f"train.epochs={e}", f"train.warmup_epochs={max(1, e // 10)}", f"train.eval_every={e}"]
@@ -136,17 +146,26 @@ def main() -> None:
     smallest = f"{p['fractions'][0]:.0%}"
     sources = {row: next(r for r in runs if r.group == row and r.column == smallest and r.seed == p["seeds"][0])
                for row in SOURCES}
-    results = {}
-    if args.part != "transfer":  # the branches start from the one-stage runs' kept checkpoints: those first
-        results = run_all([r for r in runs if r.branch is None], out / "schedule", args.jobs)
-        results |= run_all([r for r in runs if r.branch is not None], out / "schedule", args.jobs)
-    if args.part == "schedule":
-        return
-    if args.part == "transfer":
-        results = {r.name: {} for r in runs}
-    transfers = transfer_runs(p, out, sources)
-    transfer_results = run_all(transfers, out / "transfer", args.jobs)
-    if args.part == "transfer":
+    cells = schedule_cells(runs, p)
+    results: dict[str, dict] = {}
+
+    def run_cell(cell: list[Run]) -> None:  # the branches start from the one-stage run's kept checkpoints
+        results.update(run_all([r for r in cell if r.branch is None], out / "schedule", args.jobs))
+        results.update(run_all([r for r in cell if r.branch is not None], out / "schedule", args.jobs))
+
+    if args.part != "transfer":
+        run_cell(cells[0])  # the transfer part's students: first
+    if args.part != "schedule":
+        missing = [r.name for r in sources.values() if not (out / "schedule" / r.name / "summary.json").exists()]
+        if missing:
+            raise SystemExit(f"the transfer part fine-tunes the schedule part's students; not trained yet: {missing} "
+                             f"(run --part schedule first, or no --part)")
+        transfers = transfer_runs(p, out, sources)
+        transfer_results = run_all(transfers, out / "transfer", args.jobs)
+    if args.part != "transfer":
+        for cell in cells[1:]:
+            run_cell(cell)
+    if args.part is not None:
         return
     table = aggregate(runs, results)
     columns = [f"{f:.0%}" for f in p["fractions"]] + [f"{p['all_data']:.0%}"]

@@ -10,6 +10,7 @@ from vitdistill.methods.dearkd import switch_epoch_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import datafree  # noqa: E402
+import dearkd_schedule  # noqa: E402
 
 
 def first_stage2_epoch(cfg) -> int:
@@ -28,3 +29,16 @@ def test_datafree_stage2_pair_trains_a_stage_2_that_differs_only_in_its_targets(
         assert (teacher.datafree.stage2_targets, labels.datafree.stage2_targets) == ("teacher", "labels")
         labels.datafree.stage2_targets = "teacher"
         assert labels == teacher
+
+
+def test_dearkd_schedule_trains_the_transfer_students_first_and_every_branch_after_its_parent():
+    p = dearkd_schedule.PROFILES["full"]
+    runs = dearkd_schedule.schedule_runs(p)
+    cells = dearkd_schedule.schedule_cells(runs, p)
+    assert sorted(r.name for cell in cells for r in cell) == sorted(r.name for r in runs)  # each run once
+    first = {(r.group, r.column, r.seed) for r in cells[0]}
+    assert {(row, "10%", 0) for row in dearkd_schedule.SOURCES} <= first
+    for cell in cells:
+        names = {r.name for r in cell if r.branch is None}  # trained before the cell's branches
+        assert all(r.branch[0] in names for r in cell if r.branch is not None)
+    assert {(r.column, r.seed) for r in cells[-1]} == {("100%", seed) for seed in p["seeds"]}
