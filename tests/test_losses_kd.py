@@ -148,6 +148,8 @@ def test_aligned_mse_loss_equals_the_direct_formula(student_grid, teacher_grid, 
     ref, ref_grads = loss_and_grads(lambda: ((aligner(x) - target) ** 2).mean())
     got, got_grads = loss_and_grads(lambda: aligned_mse_loss(aligner, x, teacher, normalize))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    channels_last = teacher.contiguous(memory_format=torch.channels_last)  # as a channels-last run taps it
+    torch.testing.assert_close(aligned_mse_loss(aligner, x, channels_last, normalize), ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     with torch.autocast("cpu", torch.bfloat16):  # the large matmul in bfloat16: close, not equal

@@ -169,7 +169,7 @@ def aligned_mse_loss(aligner: Aligner, student_map: torch.Tensor, teacher_map: t
         bias = aligner.proj.bias.float().repeat(fh * fw)
         u = student_map.float().permute(0, 2, 3, 1).reshape(b * hs * ws, -1)
         # the teacher patch of each token, its fh*fw positions x Ct channels in the order of w's columns
-        p = teacher_map.float().view(b, ct, hs, fh, ws, fw).permute(0, 2, 4, 3, 5, 1).reshape(-1, fh * fw, ct)
+        p = teacher_map.float().reshape(b, ct, hs, fh, ws, fw).permute(0, 2, 4, 3, 5, 1).reshape(-1, fh * fw, ct)
         p = (F.layer_norm(p, (ct,), eps=1e-5) if normalize else p).reshape(u.shape[0], -1)
         cross = (p.to(fast) @ w.t().to(fast)).float()  # (tokens, Cs): P W^T
         total = ((u @ (w @ w.t())) * u).sum() + 2 * u.sum(0) @ (w @ bias) + u.shape[0] * bias.dot(bias) \
